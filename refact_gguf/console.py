@@ -1,0 +1,71 @@
+"""The CLI's two consoles (results → stdout, progress and errors → stderr) and its progress bars."""
+
+from __future__ import annotations
+
+import logging
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress as RichBar,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from .progress import Progress
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class RichProgress(Progress):
+    """One bar per step on stderr; a finished step leaves a ✓ line with its summary."""
+
+    def __init__(self) -> None:
+        self._bar: RichBar | None = None
+        self._task = None
+
+    def start(self, label: str, total: float | None = None, unit: str = "") -> None:
+        self.finish()
+        if not err.is_terminal:  # logs and pipes get the ✓ summary lines only
+            return
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn()]
+        if unit == "B":
+            columns += [DownloadColumn(binary_units=True), TransferSpeedColumn(), TimeRemainingColumn()]
+        else:
+            columns += [MofNCompleteColumn(), TimeElapsedColumn()]
+        self._bar = RichBar(*columns, console=err, transient=True)
+        self._bar.start()
+        self._task = self._bar.add_task(label, total=total)
+
+    def advance(self, amount: float = 1) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, amount)
+
+    def update(self, completed: float, total: float | None = None) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=completed, total=total)
+
+    def finish(self, message: str = "") -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        if message:
+            err.print(f"[green]✓[/] {message}")
+
+
+def show_llama_log(verbose: bool) -> None:
+    """llama.cpp's raw log goes to stderr only with --verbose."""
+    from .llama_log import logger
+
+    if verbose and not any(isinstance(h, RichHandler) for h in logger.handlers):
+        handler = RichHandler(console=err, show_time=False, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("llama.cpp: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)

@@ -1,0 +1,142 @@
+"""A thin, allocation-free layer over llama.cpp's C API (through llama-cpp-python's ctypes binding).
+
+The high-level `llama_cpp.Llama` cannot turn off the extra buffer types (needed on AMX CPUs) and
+does per-token Python work; this keeps the hot path in llama.cpp: one batch per prompt, logits
+read in place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from .errors import ModelFileError, RefactGGUFError
+from .loader import load_model
+
+
+class Model:
+    """A loaded GGUF: vocabulary and weights. Close it (or use `with`) to free the memory."""
+
+    def __init__(self, path: Path, n_gpu_layers: int = 0, vocab_only: bool = False):
+        self.path = Path(path)
+        self.ptr = load_model(self.path, n_gpu_layers, vocab_only)
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
+        self._piece = ctypes.create_string_buffer(256)
+
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """Text → ids, no BOS. With special=False, "<fim_suffix>" in the text is plain text."""
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, False, special)
+        if n < 0:  # cannot happen for byte-level BPE (≤ 1 token per byte), kept for safety
+            buf = (llama_cpp.llama_token * -n)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, -n, False, special)
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
+        return self._piece.raw[:n] if n >= 0 else b""
+
+    def detokenize(self, tokens: list[int], special: bool = False) -> str:
+        return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", errors="replace")
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode(errors="replace") if n >= 0 else None
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Context:
+    """An inference context (KV cache) on a Model."""
+
+    def __init__(self, model: Model, n_ctx: int = 2048, n_batch: int = 512, threads: int | None = None):
+        self.model = model
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_batch, 512)
+        params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
+        params.no_perf = False
+        self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise RefactGGUFError(f"llama.cpp could not create a context of {n_ctx} tokens", "try a smaller --ctx")
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
+        self.n_batch = n_batch
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.n_past = 0
+
+    def reset(self) -> None:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ptr), True)
+        self.n_past = 0
+
+    def eval(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+        """Append tokens to the cache; logits of the last token [n_vocab] or of all [n, n_vocab]."""
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise RefactGGUFError(f"{self.n_past + len(tokens)} tokens do not fit the context of {self.n_ctx}")
+        out = []
+        b = self._batch
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            last_chunk = start + self.n_batch >= len(tokens)
+            b.n_tokens = len(chunk)
+            for i, tok in enumerate(chunk):
+                b.token[i] = tok
+                b.pos[i] = self.n_past + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
+            status = llama_cpp.llama_decode(self.ptr, b)
+            if status != 0:
+                raise RefactGGUFError(f"llama.cpp failed to evaluate the prompt (llama_decode returned {status})")
+            self.n_past += len(chunk)
+            n_out = len(chunk) if all_logits else int(last_chunk)
+            if n_out:
+                logits = llama_cpp.llama_get_logits(self.ptr)
+                out.append(np.ctypeslib.as_array(logits, shape=(n_out, self.model.n_vocab)).copy())
+        result = np.concatenate(out) if out else np.empty((0, self.model.n_vocab), np.float32)
+        return result if all_logits else result[-1]
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def sequence_logits(path: Path, tokens: list[int], threads: int | None = None) -> np.ndarray:
+    """Logits at every position of one sequence: the check that a GGUF computes what it should."""
+    with Model(path) as model, Context(model, n_ctx=max(64, len(tokens)), n_batch=max(32, len(tokens)), threads=threads) as ctx:
+        logits = ctx.eval(tokens, all_logits=True)
+    if not np.isfinite(logits).all():
+        raise ModelFileError(f"{Path(path).name} produced non-finite logits")
+    return logits

@@ -1,0 +1,79 @@
+"""Session fixtures: synthetic Refact checkpoints (real architecture and tokenizer, random weights)
+and their conversions, built once per test run. Nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convert import convert
+from convert.checkpoint import Checkpoint
+from convert.reference import forward
+from convert.refact import plan
+from refact_gguf import catalog
+from refact_gguf.synthetic import SyntheticSpec, write_checkpoint
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+VOCAB_GGUF = SHARED / "refact-vocab" / "ggml-vocab-refact.gguf"
+
+# A short piece of code: the sequence the converted models are compared on.
+SAMPLE_CODE = '''def fibonacci(n: int) -> int:
+    """Return the n-th Fibonacci number."""
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+if __name__ == "__main__":
+    print([fibonacci(i) for i in range(10)])
+'''
+
+
+@pytest.fixture(scope="session")
+def vocab_gguf() -> Path:
+    if not VOCAB_GGUF.is_file():
+        pytest.fail(f"the shared tokenizer {VOCAB_GGUF} is missing (tests need ../shared beside the repo)")
+    return VOCAB_GGUF
+
+
+@pytest.fixture(scope="session")
+def hf_fused(tmp_path_factory) -> Path:
+    """Released tensor names (attn.kv, mlp.gate_up_proj), separate lm_head, f16."""
+    return write_checkpoint(tmp_path_factory.mktemp("hf_fused"), SyntheticSpec(fused=True, tied=False, dtype="float16"))
+
+
+@pytest.fixture(scope="session")
+def hf_split_tied(tmp_path_factory) -> Path:
+    """Older names (attn.k/v, mlp.linear_1/3), lm_head tied to wte, bf16."""
+    return write_checkpoint(
+        tmp_path_factory.mktemp("hf_split"), SyntheticSpec(fused=False, tied=True, dtype="bfloat16", seed=1)
+    )
+
+
+def reference_logits(hf_dir: Path, tokens: list[int]) -> np.ndarray:
+    """The float64 reference model's logits, from the original (uncentred) HF weights."""
+    ckpt = Checkpoint.open(hf_dir)
+    weights = {t.name: t for t in plan(ckpt, centre=False)}
+    return forward(lambda n: weights[n].read(0, weights[n].rows), ckpt.config, np.array(tokens))[0]
+
+
+@pytest.fixture(scope="session")
+def converted_f32(hf_fused, tmp_path_factory):
+    return convert(hf_fused, tmp_path_factory.mktemp("f32"), "f32")
+
+
+@pytest.fixture(scope="session")
+def sample_tokens(converted_f32) -> list[int]:
+    from refact_gguf.engine import Model
+
+    with Model(converted_f32.base, vocab_only=True) as m:
+        return m.tokenize(SAMPLE_CODE)
+
+
+@pytest.fixture(scope="session")
+def all_quants(hf_fused, tmp_path_factory):
+    """`convert --outtype f32 --quant all`: the 22 files of the table."""
+    return convert(hf_fused, tmp_path_factory.mktemp("all"), "f32", catalog.load().select("all"))

@@ -1,0 +1,72 @@
+"""`--quant all`: the 22 files of the published table, each loadable and sane."""
+
+from __future__ import annotations
+
+import filecmp
+
+import gguf
+import numpy as np
+import pytest
+
+from convert.imatrix import Imatrix
+from convert.quantize import quantize
+from convert.reference import kl_divergence
+from refact_gguf import catalog
+from refact_gguf.engine import sequence_logits
+from refact_gguf.loader import inspect
+
+pytestmark = pytest.mark.slow
+CAT = catalog.load()
+
+
+def test_all_22_files_named_as_published(all_quants):
+    assert list(all_quants.quants) == CAT.names()
+    assert len(all_quants.quants) == 22
+    for q in CAT.quants:
+        assert all_quants.quants[q.name].name == f"Refact-1_6B-fim.{q.name}.gguf"
+    leftovers = [p.name for p in all_quants.base.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("name", CAT.names())
+def test_quant_loads_with_finite_logits(all_quants, sample_tokens, name):
+    path = all_quants.quants[name]
+    info = inspect(path)
+    assert info.file_type == CAT.get(name).ftype
+    logits = sequence_logits(path, sample_tokens)
+    assert logits.shape == (len(sample_tokens), CAT.model.n_vocab)
+    assert np.isfinite(logits).all()
+
+
+def test_aliases_are_their_twins(all_quants):
+    for q in CAT.quants:
+        if q.alias_of:
+            assert filecmp.cmp(all_quants.quants[q.name], all_quants.quants[q.alias_of], shallow=False)
+
+
+def test_imatrix_recorded_in_metadata(all_quants):
+    for q in CAT.quants:
+        fields = gguf.GGUFReader(all_quants.quants[q.name]).fields
+        if q.imatrix:
+            assert fields["quantize.imatrix.dataset"].contents() == "python-stdlib-sample"
+            assert fields["quantize.imatrix.entries_count"].contents() == 2 * 7 + 1
+        else:
+            assert "quantize.imatrix.dataset" not in fields
+
+
+def test_quality_follows_bits(all_quants, sample_tokens):
+    ref = sequence_logits(all_quants.base, sample_tokens)
+    kl = {n: kl_divergence(ref, sequence_logits(all_quants.quants[n], sample_tokens)).mean() for n in ("Q2_K", "Q4_K_M", "Q8_0")}
+    assert kl["Q8_0"] < kl["Q4_K_M"] < kl["Q2_K"]
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "IQ3_S", "IQ3_M"])
+def test_imatrix_lowers_kl(all_quants, sample_tokens, tmp_path, name):
+    """IQ3_XS cannot be made without an imatrix; the others are measurably better with one."""
+    quant, imatrix = CAT.get(name), Imatrix.load(all_quants.imatrix)
+    quantize(all_quants.base, tmp_path / "plain.gguf", quant, None)
+    quantize(all_quants.base, tmp_path / "imatrix.gguf", quant, imatrix)
+    ref = sequence_logits(all_quants.base, sample_tokens)
+    plain = kl_divergence(ref, sequence_logits(tmp_path / "plain.gguf", sample_tokens)).mean()
+    weighted = kl_divergence(ref, sequence_logits(tmp_path / "imatrix.gguf", sample_tokens)).mean()
+    assert weighted < plain, (weighted, plain)

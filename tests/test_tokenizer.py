@@ -1,0 +1,50 @@
+"""The converted GGUF carries Refact's real tokenizer, exactly."""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+
+from refact_gguf.engine import Model
+from refact_gguf.synthetic import tokenizer_json
+
+from .conftest import VOCAB_GGUF
+
+
+def _cases():
+    inp = VOCAB_GGUF.with_suffix(".gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    out = VOCAB_GGUF.with_suffix(".gguf.out").read_text(encoding="utf-8").split("\n")
+    # The .inp file ends with the separator's newline; .out with a final newline.
+    inp[-1] = inp[-1].removesuffix("\n__ggml_vocab_test__").removesuffix("\n")
+    return list(zip(inp, ([int(t) for t in line.split()] for line in out)))
+
+
+def test_there_are_47_cases(vocab_gguf):
+    assert len(_cases()) == 47
+
+
+def test_vocab_equals_llama_cpp_reference(vocab_gguf, converted_f32):
+    ours, ref = gguf.GGUFReader(converted_f32.base).fields, gguf.GGUFReader(vocab_gguf).fields
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        assert ours[key].contents() == ref[key].contents(), key
+
+
+def test_llama_cpp_tokenizes_the_reference_strings(vocab_gguf, converted_f32):
+    with Model(converted_f32.base, vocab_only=True) as m:
+        for text, expected in _cases():
+            assert m.tokenize(text) == expected, repr(text)
+
+
+def test_fixture_tokenizer_json_matches_hf_tokenizers(vocab_gguf):
+    """The tokenizer.json rebuilt for fixtures behaves like the real one in HF's own library."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer.from_str(tokenizer_json())
+    for text, expected in _cases():
+        assert tok.encode(text, add_special_tokens=False).ids == expected, repr(text)
+
+
+def test_special_text_is_not_parsed(converted_f32):
+    with Model(converted_f32.base, vocab_only=True) as m:
+        assert 3 not in m.tokenize("x = '<fim_suffix>'")
+        assert m.tokenize("<fim_suffix>", special=True) == [3]
