@@ -20,8 +20,9 @@ logger = logging.getLogger("refact_gguf.llama")
 logger.addHandler(logging.NullHandler())
 logger.propagate = False
 
-# enum ggml_log_level: NONE 0, INFO 1, WARN 2, ERROR 3, DEBUG 4, CONT 5 (continues the previous)
-_LEVELS = {0: logging.CRITICAL, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+# enum ggml_log_level (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the
+# previous line). llama-cpp-python's own table predates DEBUG and is off by one.
+_LEVELS = {0: logging.INFO, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 Listener = Callable[[int, str], None]  # (logging level, line without newline)
 
 _lock = threading.Lock()

@@ -10,11 +10,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import platform
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import llama_cpp
+import numpy as np
 
 from . import llama_log
 from .errors import ModelFileError
@@ -33,6 +35,51 @@ class GGUFInfo:
     centred: bool  # converted by refact-gguf (LayerNorm-faithful)
 
 
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _HeaderParser:
+    """A GGUF header walker that skips big arrays (the 49k-token vocab) instead of decoding them.
+
+    gguf-py's GGUFReader decodes every array element (about 2.5 s for this vocab); validating a
+    file before each load must be near-instant.
+    """
+
+    def __init__(self, buf: bytes):
+        self.buf, self.pos = buf, 0
+
+    def scalar(self, fmt: str):
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError("a string runs past the end of the header")
+        text = self.buf[self.pos : self.pos + n].decode("utf-8", errors="replace")
+        self.pos += n
+        return text
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.scalar("<I"), self.scalar("<Q")
+            if etype == _STRING:
+                for _ in range(count):
+                    self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
+            elif etype in _SCALARS:
+                self.pos += count * struct.calcsize(_SCALARS[etype])
+            else:
+                raise ValueError(f"unsupported array element type {etype}")
+            return None  # arrays are skipped, not decoded
+        raise ValueError(f"unknown value type {vtype}")
+
+
 def inspect(path: Path) -> GGUFInfo:
     """Check magic, version, architecture and that every tensor's data lies inside the file."""
     path = Path(path)
@@ -40,34 +87,63 @@ def inspect(path: Path) -> GGUFInfo:
         raise ModelFileError(f"{path} does not exist")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ModelFileError(f"{path.name} is not a GGUF file (bad magic {magic!r})", "re-download or re-convert it")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # gguf raises ValueError, IndexError, struct errors… on damaged headers
-        raise ModelFileError(f"{path.name} is truncated or corrupt ({type(e).__name__}: {e})", "re-download or re-convert it") from None
-    fields = reader.fields
-
-    def value(key: str, default=None):
-        f = fields.get(key)
-        return f.contents() if f is not None else default
-
-    arch = value("general.architecture", "")
+        if f.read(4) != b"GGUF":
+            raise ModelFileError(f"{path.name} is not a GGUF file (bad magic)", "re-download or re-convert it")
+        # The header is a few MB at most; read more only if it runs past what was read.
+        want = 4 << 20
+        while True:
+            f.seek(0)
+            head = f.read(want)
+            try:
+                kv, tensors, data_start = _parse(head)
+                break
+            except (ValueError, struct.error, IndexError, OverflowError) as e:
+                if len(head) < want or want >= size:
+                    why = e if isinstance(e, ValueError) else "its header is cut short"
+                    raise ModelFileError(f"{path.name} is truncated or corrupt: {why}", "re-download or re-convert it") from None
+                want *= 4
+    arch = kv.get("general.architecture")
     if arch != ARCH:
         raise ModelFileError(f"{path.name} is a {arch or 'unknown'} model, not Refact ({ARCH})")
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise ModelFileError(f"{path.name} is truncated: tensor {t.name} ends past the end of the file", "re-download or re-convert it")
+    for name, qtype, n_elements, offset in tensors:
+        if qtype not in _QUANT_SIZES:
+            raise ModelFileError(f"{path.name}: tensor {name} has unknown type {qtype}")
+        block, nbytes = _QUANT_SIZES[qtype]
+        if data_start + offset + n_elements // block * nbytes > size:
+            raise ModelFileError(f"{path.name} is truncated: tensor {name} ends past the end of the file", "re-download or re-convert it")
     return GGUFInfo(
         path=path,
         architecture=arch,
-        name=str(value("general.name", path.stem)),
-        file_type=int(value("general.file_type", -1)),
-        n_tensors=len(reader.tensors),
+        name=str(kv.get("general.name", path.stem)),
+        file_type=int(kv.get("general.file_type", -1)),
+        n_tensors=len(tensors),
         size=size,
-        centred=bool(value("refact_gguf.residual_centred", False)),
+        centred=bool(kv.get("refact_gguf.residual_centred", False)),
     )
+
+
+_QUANT_SIZES = {int(k): v for k, v in gguf.GGML_QUANT_SIZES.items()}
+
+
+def _parse(buf: bytes):
+    p = _HeaderParser(buf)
+    p.pos = 4
+    version = p.scalar("<I")
+    if version not in (2, 3):
+        raise ValueError(f"unsupported GGUF version {version}")
+    n_tensors, n_kv = p.scalar("<Q"), p.scalar("<Q")
+    kv = {}
+    for _ in range(n_kv):
+        key = p.string()
+        kv[key] = p.value(p.scalar("<I"))
+    tensors = []
+    for _ in range(n_tensors):
+        name = p.string()
+        dims = [p.scalar("<Q") for _ in range(p.scalar("<I"))]
+        qtype, offset = p.scalar("<I"), p.scalar("<Q")
+        tensors.append((name, qtype, int(np.prod(dims, dtype=np.int64)), offset))
+    align = kv.get("general.alignment") or 32
+    return kv, tensors, (p.pos + align - 1) // align * align
 
 
 @functools.cache

@@ -1,0 +1,215 @@
+"""Checkpoint layouts the converter reads, and every bad input: a clear error, nothing left behind."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convert import convert, writer
+from convert.checkpoint import Checkpoint
+from refact_gguf.errors import CheckpointError, OutputError, TensorError
+from refact_gguf.synthetic import SyntheticSpec, write_checkpoint
+
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _assert_nothing_written(out_dir: Path) -> None:
+    assert not out_dir.exists() or list(out_dir.iterdir()) == [], list(out_dir.iterdir())
+
+
+def _read_safetensors(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def _write_safetensors(path: Path, header: dict, tensors: dict[str, bytes]) -> None:
+    offset, meta = 0, {}
+    for name, blob in tensors.items():
+        meta[name] = {**header[name], "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+    text = json.dumps(meta).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(tensors.values()))
+
+
+def _tensor_bytes(header: dict, data: bytes) -> dict[str, bytes]:
+    return {n: data[h["data_offsets"][0] : h["data_offsets"][1]] for n, h in header.items() if n != "__metadata__"}
+
+
+def _all_weights(hf_dir: Path) -> dict[str, np.ndarray]:
+    return {n: t.read() for n, t in Checkpoint.open(hf_dir).tensors.items()}
+
+
+# ------------------------------------------------------------------------------- layouts
+
+
+def test_sharded_safetensors_with_index(hf_fused, tmp_path):
+    hf = _copy(hf_fused, tmp_path / "hf")
+    header, data = _read_safetensors(hf / "model.safetensors")
+    blobs = _tensor_bytes(header, data)
+    names = list(blobs)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    for shard, part in shards.items():
+        _write_safetensors(hf / shard, header, {n: blobs[n] for n in part})
+    (hf / "model.safetensors").unlink()
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: s for s, part in shards.items() for n in part}}))
+    original, sharded = _all_weights(hf_fused), _all_weights(hf)
+    assert original.keys() == sharded.keys()
+    assert all(np.array_equal(original[n], sharded[n]) for n in original)
+
+
+def test_pytorch_bin_read_without_torch_code(hf_fused, tmp_path, sample_tokens):
+    torch = pytest.importorskip("torch")
+    hf = _copy(hf_fused, tmp_path / "hf")
+    state = {n: torch.from_numpy(a).to(torch.float16) for n, a in _all_weights(hf_fused).items()}
+    # a non-contiguous view too, as torch checkpoints hold them
+    state["transformer.h.0.attn.q.weight"] = state["transformer.h.0.attn.q.weight"].t().contiguous().t()
+    torch.save(state, hf / "pytorch_model.bin")
+    (hf / "model.safetensors").unlink()
+    original, from_bin = _all_weights(hf_fused), _all_weights(hf)
+    assert all(np.array_equal(original[n], from_bin[n]) for n in original)
+    result = convert(hf, tmp_path / "out", "f32")
+    assert result.base.is_file()
+
+
+def test_malicious_pickle_is_refused_not_run(hf_fused, tmp_path):
+    hf = _copy(hf_fused, tmp_path / "hf")
+    (hf / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (shutil.copy, (str(hf / "config.json"), str(marker)))
+
+    buf = io.BytesIO()
+    pickle.dump({"transformer.wte.weight": Evil()}, buf, protocol=2)
+    with zipfile.ZipFile(hf / "pytorch_model.bin", "w") as zf:
+        zf.writestr("archive/data.pkl", buf.getvalue())
+    with pytest.raises(CheckpointError, match="refusing to load shutil.copy"):
+        convert(hf, tmp_path / "out")
+    assert not marker.exists()
+    _assert_nothing_written(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def _broken(hf_fused, tmp_path, mutate) -> tuple[Path, Path]:
+    hf = _copy(hf_fused, tmp_path / "hf")
+    mutate(hf)
+    return hf, tmp_path / "out"
+
+
+CASES = {
+    "missing config": (lambda hf: (hf / "config.json").unlink(), CheckpointError, "no config.json"),
+    "invalid config": (lambda hf: (hf / "config.json").write_text("{not json"), CheckpointError, "not valid JSON"),
+    "wrong architecture": (
+        lambda hf: (hf / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "n_layer": 2})),
+        CheckpointError, "describes LlamaForCausalLM, not GPTRefactForCausalLM",
+    ),
+    "missing tokenizer": (lambda hf: (hf / "tokenizer.json").unlink(), CheckpointError, "no tokenizer.json"),
+    "missing weights": (lambda hf: (hf / "model.safetensors").unlink(), CheckpointError, "no weights"),
+    "truncated safetensors": (
+        lambda hf: (hf / "model.safetensors").write_bytes((hf / "model.safetensors").read_bytes()[:-1000]),
+        CheckpointError, "truncated or corrupt: tensor",
+    ),
+    "corrupt safetensors header": (
+        lambda hf: (hf / "model.safetensors").write_bytes(
+            (raw := (hf / "model.safetensors").read_bytes())[:8] + b"\xff" * 64 + raw[72:]
+        ),
+        CheckpointError, "corrupt safetensors header",
+    ),
+    "layer count mismatch": (
+        lambda hf: (hf / "config.json").write_text((hf / "config.json").read_text().replace('"n_layer": 2', '"n_layer": 3')),
+        TensorError, "lacks",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_checkpoint(hf_fused, tmp_path, case):
+    mutate, error, message = CASES[case]
+    hf, out = _broken(hf_fused, tmp_path, mutate)
+    with pytest.raises(error, match=message):
+        convert(hf, out, quants=[])
+    _assert_nothing_written(out)
+
+
+def test_unknown_tensor_is_named(hf_fused, tmp_path):
+    def add_bias(hf):
+        header, data = _read_safetensors(hf / "model.safetensors")
+        blobs = _tensor_bytes(header, data)
+        header["transformer.h.0.attn.q.bias"] = {"dtype": "F16", "shape": [256]}
+        blobs["transformer.h.0.attn.q.bias"] = np.zeros(256, np.float16).tobytes()
+        _write_safetensors(hf / "model.safetensors", header, blobs)
+
+    hf, out = _broken(hf_fused, tmp_path, add_bias)
+    with pytest.raises(TensorError, match=r"unknown tensor transformer\.h\.0\.attn\.q\.bias"):
+        convert(hf, out)
+    _assert_nothing_written(out)
+
+
+def test_wrong_shape_is_named(hf_fused, tmp_path):
+    def reshape(hf):
+        header, data = _read_safetensors(hf / "model.safetensors")
+        header["transformer.h.1.attn.c_proj.weight"]["shape"] = [128, 512]
+        _write_safetensors(hf / "model.safetensors", header, _tensor_bytes(header, data))
+
+    hf, out = _broken(hf_fused, tmp_path, reshape)
+    with pytest.raises(TensorError, match=r"transformer\.h\.1\.attn\.c_proj\.weight has shape \[128, 512\]"):
+        convert(hf, out)
+    _assert_nothing_written(out)
+
+
+def test_output_not_writable(hf_fused, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(OutputError, match="cannot create"):
+        convert(hf_fused, blocker / "out")
+
+
+def test_not_enough_disk_refused_before_writing(hf_fused, tmp_path, monkeypatch):
+    from convert import pipeline
+
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 10, 10))
+    with pytest.raises(OutputError, match="not enough disk space"):
+        convert(hf_fused, tmp_path / "out")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_disk_full_mid_write_leaves_nothing(hf_fused, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = writer._encode
+
+    def failing(rows, qtype):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(rows, qtype)
+
+    monkeypatch.setattr(writer, "_encode", failing)
+    with pytest.raises(OutputError, match="disk full while writing Refact-1_6B-fim.F16.gguf"):
+        convert(hf_fused, tmp_path / "out")
+    _assert_nothing_written(tmp_path / "out")
+
+
+def test_failed_quantization_leaves_no_partial_file(hf_fused, tmp_path):
+    from refact_gguf import catalog
+    from refact_gguf.errors import QuantizeError
+
+    with pytest.raises(QuantizeError, match="imatrix"):
+        convert(hf_fused, tmp_path / "out", "f16", [catalog.load().get("IQ3_XS")], use_imatrix=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Refact-1_6B-fim.F16.gguf"]
