@@ -152,18 +152,46 @@ def system_info() -> str:
 
 
 @functools.cache
-def cpu_has_amx() -> bool:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux x86; empty elsewhere, where nothing below applies)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return frozenset()
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "amx_int8" in flags or "amx_tile" in flags
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def cpu_has_amx() -> bool:
+    return "amx_int8" in cpu_flags() or "amx_tile" in cpu_flags()
 
 
 def build_has_amx() -> bool:
     return "AMX_INT8 = 1" in system_info()
+
+
+# llama.cpp's system-info feature → the /proc/cpuinfo flag it needs.
+_FEATURE_FLAGS = {
+    "AVX": "avx", "AVX2": "avx2", "AVX_VNNI": "avx_vnni", "F16C": "f16c", "FMA": "fma", "BMI2": "bmi2",
+    "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni",
+    "AVX512_BF16": "avx512_bf16", "AMX_INT8": "amx_int8",
+}
+
+
+def build_problems() -> list[str]:
+    """Why this llama.cpp build is wrong for this CPU: instructions it lacks (a wheel built
+    elsewhere, reused from pip's cache), or AMX on an AMX CPU (llama.cpp#20824)."""
+    flags = cpu_flags()
+    if not flags:
+        return []
+    info = system_info()
+    problems = [f"built with {feat} but this CPU lacks it" for feat, flag in _FEATURE_FLAGS.items()
+                if f" {feat} = 1" in f" {info}" and flag not in flags]
+    if cpu_has_amx() and build_has_amx():
+        problems.append("built with AMX on an AMX CPU: K-quants crash in ggml_backend_amx_mul_mat")
+    return problems
 
 
 def repack_safe() -> bool:
@@ -190,3 +218,14 @@ def load_model(path: Path, n_gpu_layers: int = 0, vocab_only: bool = False) -> c
     if not model:
         raise ModelFileError(f"llama.cpp could not load {Path(path).name}: {errors[-1] if errors else 'unknown error'}")
     return model
+
+
+if __name__ == "__main__":
+    # `python -m refact_gguf.loader`: the install script's check of what pip actually built.
+    import sys
+
+    issues = build_problems()
+    print(system_info())
+    for issue in issues:
+        print(f"llama.cpp build problem: {issue}", file=sys.stderr)
+    sys.exit(3 if issues else 0)
