@@ -102,8 +102,11 @@ class LazyTensor:
         return self.shape[0] if self.shape else 1
 
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        stop = self.rows if stop is None else stop
-        return _to_f32(self._read_rows(start, stop), self.dtype)
+        return _to_f32(self.read_raw(start, stop), self.dtype)
+
+    def read_raw(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows as stored (float16, float32, or bfloat16 bits as uint16): for byte-exact copies."""
+        return self._read_rows(start, self.rows if stop is None else stop)
 
 
 def _to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:

@@ -20,15 +20,21 @@ from refact_gguf.errors import TensorError
 from .checkpoint import Checkpoint, LazyTensor, RefactConfig
 
 RowReader = Callable[[int, int], np.ndarray]  # (start, stop) → float32 rows
+CHUNK_ROWS = 1024  # rows per read while centring columns
 
 
 @dataclass(frozen=True)
 class OutTensor:
-    """One GGUF tensor: its llama.cpp name, numpy shape (rows = output dim) and a row reader."""
+    """One GGUF tensor: its llama.cpp name, numpy shape (rows = output dim) and a row reader.
+
+    `source` is set when the tensor is the checkpoint's rows unchanged, so a writer whose output
+    type equals `source.dtype` can copy the stored bytes instead of converting through float32.
+    """
 
     name: str
     shape: tuple[int, ...]
     read: RowReader
+    source: "Slice | None" = None
 
     @property
     def rows(self) -> int:
@@ -79,23 +85,46 @@ def expected_shapes(cfg: RefactConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _rows_of(t: LazyTensor, begin: int) -> RowReader:
-    return lambda start, stop: t.read(begin + start, begin + stop)
+@dataclass(frozen=True)
+class Slice:
+    """Rows [begin, …) of a checkpoint tensor (fused tensors are split by row ranges)."""
+
+    tensor: LazyTensor
+    begin: int
+
+    @property
+    def dtype(self) -> str:
+        return self.tensor.dtype
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.tensor.read(self.begin + start, self.begin + stop)
+
+    def read_raw(self, start: int, stop: int) -> np.ndarray:
+        return self.tensor.read_raw(self.begin + start, self.begin + stop)
 
 
 def _centre_rows(read: RowReader) -> RowReader:
     def centred(start: int, stop: int) -> np.ndarray:
         rows = read(start, stop)
-        return rows - rows.mean(axis=-1, keepdims=True)
+        rows -= rows.mean(axis=-1, keepdims=True)
+        return rows
 
     return centred
 
 
-def _centre_columns(read: RowReader, n_rows: int) -> RowReader:
-    # The mean over the output dimension needs every row; these matrices are small (≤ 46 MB f32).
+def _centre_columns(read: RowReader, shape: tuple[int, ...]) -> RowReader:
+    """Subtract each column's mean over the output dimension, computed once in a chunked pass."""
+    mean: list[np.ndarray] = []
+
     def centred(start: int, stop: int) -> np.ndarray:
-        full = read(0, n_rows)
-        return (full - full.mean(axis=0, keepdims=True))[start:stop]
+        if not mean:
+            total = np.zeros(shape[1], np.float64)
+            for lo in range(0, shape[0], CHUNK_ROWS):
+                total += read(lo, min(shape[0], lo + CHUNK_ROWS)).sum(axis=0, dtype=np.float64)
+            mean.append((total / shape[0]).astype(np.float32))
+        rows = read(start, stop)
+        rows -= mean[0]
+        return rows
 
     return centred
 
@@ -108,27 +137,27 @@ def plan(ckpt: Checkpoint, centre: bool = True) -> list[OutTensor]:
     """
     cfg = ckpt.config
     shapes = expected_shapes(cfg)
-    readers: dict[str, RowReader] = {}
+    slices: dict[str, Slice] = {}
     embedding: LazyTensor | None = None
 
-    def put(name: str, read: RowReader, shape: tuple[int, ...], source: str) -> None:
+    def put(name: str, piece: Slice, shape: tuple[int, ...], source: str) -> None:
         if shape != shapes[name]:
             raise TensorError(f"tensor {source} has shape {list(shape)}, the config needs {list(shapes[name])}")
-        if name in readers:
+        if name in slices:
             raise TensorError(f"tensor {source} maps to {name}, which another tensor already provides")
-        readers[name] = read
+        slices[name] = piece
 
     for hf_name, t in ckpt.tensors.items():
         name = hf_name.removeprefix("transformer.")
         if name == "wte.weight":
             embedding = t
-            put("token_embd.weight", _rows_of(t, 0), t.shape, hf_name)
+            put("token_embd.weight", Slice(t, 0), t.shape, hf_name)
         elif name == "ln_f.weight":
-            put("output_norm.weight", _rows_of(t, 0), t.shape, hf_name)
+            put("output_norm.weight", Slice(t, 0), t.shape, hf_name)
         elif name == "lm_head.weight":
-            put("output.weight", _rows_of(t, 0), t.shape, hf_name)
+            put("output.weight", Slice(t, 0), t.shape, hf_name)
         elif (m := _LAYER.match(name)) and int(m[1]) < cfg.n_layer and m[2] in _DIRECT:
-            put(f"blk.{m[1]}.{_DIRECT[m[2]]}.weight", _rows_of(t, 0), t.shape, hf_name)
+            put(f"blk.{m[1]}.{_DIRECT[m[2]]}.weight", Slice(t, 0), t.shape, hf_name)
         elif (m := _LAYER.match(name)) and int(m[1]) < cfg.n_layer and m[2] in _FUSED:
             first, second = (f"blk.{m[1]}.{part}.weight" for part in _FUSED[m[2]])
             split = shapes[first][0]
@@ -137,17 +166,17 @@ def plan(ckpt: Checkpoint, centre: bool = True) -> list[OutTensor]:
                     f"tensor {hf_name} has shape {list(t.shape)}, the config needs "
                     f"{[split + shapes[second][0], cfg.n_embd]}"
                 )
-            put(first, _rows_of(t, 0), (split, t.shape[1]), hf_name)
-            put(second, _rows_of(t, split), (t.shape[0] - split, t.shape[1]), hf_name)
+            put(first, Slice(t, 0), (split, t.shape[1]), hf_name)
+            put(second, Slice(t, split), (t.shape[0] - split, t.shape[1]), hf_name)
         else:
             raise TensorError(
                 f"unknown tensor {hf_name} {list(t.shape)} in the checkpoint",
                 "refact-gguf knows GPTRefactForCausalLM's tensors only; nothing was written",
             )
-    if "output.weight" not in readers and embedding is not None:
+    if "output.weight" not in slices and embedding is not None:
         # Tied head: the *uncentred* embedding, since logits read it as a projection.
-        readers["output.weight"] = _rows_of(embedding, 0)
-    missing = [n for n in shapes if n not in readers]
+        slices["output.weight"] = Slice(embedding, 0)
+    missing = [n for n in shapes if n not in slices]
     if missing:
         raise TensorError(
             f"checkpoint lacks {len(missing)} tensor(s), first {missing[0]}",
@@ -156,21 +185,23 @@ def plan(ckpt: Checkpoint, centre: bool = True) -> list[OutTensor]:
 
     out = []
     for name, shape in shapes.items():
-        read = readers[name]
+        piece = slices[name]
         if centre and name == "token_embd.weight":
-            read = _centre_rows(read)
+            out.append(OutTensor(name, shape, _centre_rows(piece.read)))
         elif centre and name.split(".")[-2] in _RESIDUAL_WRITES:
-            read = _centre_columns(read, shape[0])
-        out.append(OutTensor(name, shape, read))
+            out.append(OutTensor(name, shape, _centre_columns(piece.read, shape)))
+        else:
+            out.append(OutTensor(name, shape, piece.read, source=piece))
     return out
 
 
-def iter_chunks(t: OutTensor, max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
-    """A tensor's float32 rows in chunks of at most `max_bytes` (vectors in one piece)."""
-    row_bytes = 4 * (int(np.prod(t.shape[1:])) if not t.is_vector else t.shape[0])
+def iter_chunks(t: OutTensor, raw: bool = False, max_bytes: int = 16 << 20) -> Iterator[np.ndarray]:
+    """A tensor's rows in chunks of at most `max_bytes` as float32 (vectors in one piece);
+    with `raw`, the stored values of `t.source` instead."""
+    read = t.source.read_raw if raw else t.read
     if t.is_vector:
-        yield t.read(0, t.rows)
+        yield read(0, t.rows)
         return
-    step = max(1, max_bytes // row_bytes)
+    step = max(1, max_bytes // (4 * int(np.prod(t.shape[1:]))))
     for start in range(0, t.rows, step):
-        yield t.read(start, min(t.rows, start + step))
+        yield read(start, min(t.rows, start + step))

@@ -24,6 +24,7 @@ OUTTYPES = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
 }
+_SOURCE_TYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16, "BF16": gguf.GGMLQuantizationType.BF16}
 ALIBI_MAX_BIAS = 8.0  # Refact's; llama.cpp hard-codes it for this architecture too
 CENTRED_KEY = "refact_gguf.residual_centred"
 
@@ -127,8 +128,10 @@ def write_gguf(
                 # Stream: align, write row chunks, pad (what GGUFWriter.write_tensor_data does in one piece).
                 w.write_padding(fout, fout.tell())
                 written = 0
-                for rows in iter_chunks(t):
-                    data = _encode(rows, types[t.name])
+                # Unchanged tensors already stored in the output type are copied byte for byte.
+                raw = t.source is not None and _SOURCE_TYPES.get(t.source.dtype) == types[t.name]
+                for rows in iter_chunks(t, raw=raw):
+                    data = rows if raw else _encode(rows, types[t.name])
                     data.tofile(fout)
                     written += data.nbytes
                     on_bytes(data.nbytes)

@@ -1,0 +1,292 @@
+"""Pull prebuilt quants from the Hub into the standard HF cache, with real resume and verification.
+
+huggingface_hub does the protocol (endpoint, auth headers, file metadata) and defines the cache
+layout (blobs/, snapshots/, refs/) that we write into, so its own tools see our files. It does not
+truly resume (it re-requests from byte 0 after a dropped connection, and a killed process leaves
+a per-process partial file the next run ignores), so the transfer itself is ours: one stable
+`<sha256>.incomplete` per blob, continued with `Range` requests, hashed as it arrives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+# refact-gguf sends no telemetry: without this, building request headers also fetches the Hub's
+# "agent harness" registry (a GET /api/agent-harnesses on the first download of the day).
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import httpx2  # noqa: E402  (huggingface_hub's HTTP client)
+from filelock import FileLock  # noqa: E402
+from huggingface_hub import constants, get_hf_file_metadata, get_token, hf_hub_url  # noqa: E402
+from huggingface_hub.errors import HfHubHTTPError  # noqa: E402
+from huggingface_hub.file_download import repo_folder_name  # noqa: E402
+from huggingface_hub.utils import build_hf_headers, get_session  # noqa: E402
+
+from . import catalog  # noqa: E402
+from .catalog import Quant  # noqa: E402
+from .errors import ModelFileError, OutputError, RefactGGUFError  # noqa: E402
+from .loader import inspect  # noqa: E402
+from .progress import Progress  # noqa: E402
+
+CHUNK = 1 << 20
+DISK_MARGIN = 64 << 20
+
+
+class HubError(RefactGGUFError):
+    """The Hub refused, could not be reached, or sent something wrong."""
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Where and how to reach the Hub, read from the environment at call time (HF_ENDPOINT,
+    HF_HOME / HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE), as huggingface_hub reads them at import."""
+
+    endpoint: str
+    cache_dir: Path
+    token: str | None
+    offline: bool
+    retries: int = 5
+    backoff: float = 1.0
+    timeout: float = 30.0
+
+    @classmethod
+    def from_env(cls, **overrides) -> HubConfig:
+        env = os.environ
+        if env.get("HF_HUB_CACHE"):
+            cache = Path(env["HF_HUB_CACHE"])
+        elif env.get("HF_HOME"):
+            cache = Path(env["HF_HOME"]) / "hub"
+        else:
+            cache = Path(constants.HF_HUB_CACHE)
+        config = cls(
+            endpoint=(env.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/"),
+            cache_dir=cache.expanduser(),
+            token=get_token(),
+            offline=env.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"},
+        )
+        return cls(**{**config.__dict__, **overrides})
+
+
+def _repo_dir(config: HubConfig) -> Path:
+    return config.cache_dir / repo_folder_name(repo_id=catalog.load().model.gguf_repo, repo_type="model")
+
+
+def cached_path(quant: Quant, config: HubConfig | None = None) -> Path | None:
+    """The complete cached file of `quant`, found without any network request."""
+    config = config or HubConfig.from_env()
+    model = catalog.load().model
+    repo = _repo_dir(config)
+    ref = repo / "refs" / model.revision
+    commits = [ref.read_text().strip()] if ref.is_file() else []
+    commits += sorted(p.name for p in (repo / "snapshots").glob("*") if p.name not in commits)
+    for commit in commits:
+        path = repo / "snapshots" / commit / quant.filename(model)
+        if path.is_file():
+            return path
+    return None
+
+
+def cached_quants(config: HubConfig | None = None) -> dict[str, Path]:
+    config = config or HubConfig.from_env()
+    return {q.name: p for q in catalog.load().quants if (p := cached_path(q, config))}
+
+
+def _offline_error(quant: Quant, config: HubConfig, why: str) -> HubError:
+    cached = ", ".join(cached_quants(config)) or "none"
+    return HubError(
+        f"{why}, and {quant.name} is not in the cache (cached quants: {cached})",
+        "connect and run the pull again, or use a local file: refact-gguf run --model /path/to/model.gguf",
+    )
+
+
+def _http_error(e: HfHubHTTPError | httpx2.HTTPStatusError, quant: Quant) -> HubError:
+    status = e.response.status_code if e.response is not None else None
+    repo = catalog.load().model.gguf_repo
+    if status in (401, 403):
+        return HubError(f"the Hub refused access to {repo} (HTTP {status})", "set HF_TOKEN to a valid token, or run `hf auth login`")
+    if status == 404:
+        return HubError(f"{quant.filename(catalog.load().model)} was not found in {repo} (HTTP 404): the repo or file is gone",
+                        "check the repo on the Hub, or convert the model yourself: refact-gguf convert")
+    return HubError(f"the Hub answered HTTP {status} for {quant.name}", "try again later")
+
+
+def pull(
+    name: str,
+    local_dir: Path | None = None,
+    force: bool = False,
+    config: HubConfig | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Download quant `name` (verified: sha256, then a GGUF of Refact with the right type)."""
+    config = config or HubConfig.from_env()
+    progress = progress or Progress()
+    model = catalog.load().model
+    quant = catalog.load().get(name)
+    filename = quant.filename(model)
+
+    if local_dir is not None and (Path(local_dir) / filename).is_file() and not force:
+        return Path(local_dir) / filename
+    if local_dir is None and not force and (found := cached_path(quant, config)):
+        return found  # complete, verified when it was pulled: no request at all
+    if config.offline:
+        raise _offline_error(quant, config, "HF_HUB_OFFLINE is set")
+
+    url = hf_hub_url(model.gguf_repo, filename, revision=model.revision, endpoint=config.endpoint)
+    try:
+        meta = get_hf_file_metadata(url, token=config.token, timeout=config.timeout, endpoint=config.endpoint)
+    except HfHubHTTPError as e:
+        raise _http_error(e, quant) from None
+    except (httpx2.TransportError, OSError) as e:
+        raise _offline_error(quant, config, f"cannot reach {config.endpoint} ({type(e).__name__})") from None
+    if not meta.etag or meta.size is None or not meta.commit_hash:
+        raise HubError(f"the Hub sent incomplete metadata for {filename}", "try again later")
+
+    if local_dir is not None:
+        final = Path(local_dir) / filename
+        partial = final.with_name(final.name + ".incomplete")
+    else:
+        blobs = _repo_dir(config) / "blobs"
+        final = blobs / meta.etag
+        partial = blobs / f"{meta.etag}.incomplete"
+    try:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {partial.parent}: {e.strerror}") from None
+
+    with FileLock(str(partial) + ".lock"):
+        if not final.is_file() or force:
+            have = partial.stat().st_size if partial.is_file() else 0
+            free = shutil.disk_usage(partial.parent).free
+            if free < meta.size - have + DISK_MARGIN:
+                raise OutputError(
+                    f"not enough disk space for {filename}: need {(meta.size - have) / 2**30:.2f} GiB, "
+                    f"{free / 2**30:.2f} GiB free in {partial.parent}",
+                    "free some space, or pull a smaller quant (refact-gguf list)",
+                )
+            _download(meta.location, partial, meta.size, meta.etag, quant, config, progress)
+            _verify(partial, meta.etag, quant)
+            os.replace(partial, final)
+    if local_dir is not None:
+        return final
+    return _link_snapshot(final, meta.commit_hash, filename, config)
+
+
+def _auth_headers(location: str, config: HubConfig) -> dict[str, str]:
+    # The token goes to the Hub only, never to the CDN a file redirects to.
+    same_host = urlparse(location).netloc == urlparse(config.endpoint).netloc
+    return build_hf_headers(token=config.token if same_host else False)
+
+
+def _download(location: str, partial: Path, size: int, etag: str, quant: Quant, config: HubConfig, progress: Progress) -> None:
+    """Fetch into `partial`, continuing from its bytes; retry dropped connections with Range."""
+    digest = hashlib.sha256()
+    have = 0
+    if partial.is_file():
+        with open(partial, "rb") as f:  # hash what a previous run left, then continue after it
+            while block := f.read(CHUNK):
+                digest.update(block)
+                have += len(block)
+    if have > size:
+        partial.unlink()
+        digest, have = hashlib.sha256(), 0
+    progress.start(f"pull {quant.name}", size, "B")
+    progress.update(have, size)
+    session = get_session()
+    failures = 0
+    while have < size:
+        headers = {**_auth_headers(location, config), "Accept-Encoding": "identity"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        try:
+            with session.stream("GET", location, headers=headers, timeout=config.timeout, follow_redirects=True) as r:
+                if r.status_code == 416 and have == size:
+                    break
+                r.raise_for_status()
+                if have and r.status_code != 206:  # server ignored Range: start over
+                    digest, have = hashlib.sha256(), 0
+                with open(partial, "r+b" if have else "wb") as f:
+                    f.seek(have)
+                    f.truncate()
+                    for block in r.iter_bytes(CHUNK):
+                        f.write(block)
+                        digest.update(block)
+                        have += len(block)
+                        progress.advance(len(block))
+                        failures = 0  # progress was made: the retry budget is per stall
+            if have >= size:
+                break
+            reason = "the connection closed early"
+        except httpx2.HTTPStatusError as e:
+            raise _http_error(e, quant) from None
+        except (httpx2.TransportError, httpx2.StreamError) as e:
+            reason = type(e).__name__
+        failures += 1
+        if failures > config.retries:
+            raise HubError(
+                f"download of {quant.name} kept failing ({reason}); {have / 2**20:.0f} MiB kept",
+                "run the same pull again to continue from there",
+            )
+        time.sleep(config.backoff * 2 ** (failures - 1))
+    progress.finish(f"pulled {quant.filename(catalog.load().model)} ({size / 2**30:.2f} GiB)")
+    _check_sha(partial, digest.hexdigest(), etag, quant)
+
+
+def _check_sha(partial: Path, sha: str, etag: str, quant: Quant) -> None:
+    is_sha256 = len(etag) == 64 and all(c in "0123456789abcdef" for c in etag.lower())
+    if is_sha256 and sha != etag.lower():
+        partial.unlink(missing_ok=True)
+        raise HubError(
+            f"{quant.name}: the downloaded file's sha256 {sha[:12]}… is not the Hub's {etag[:12]}…; the corrupt file was removed",
+            "run the pull again",
+        )
+
+
+def _verify(partial: Path, etag: str, quant: Quant) -> None:
+    """A Refact GGUF of the promised quant type, or the file goes."""
+    try:
+        info = inspect(partial)
+    except ModelFileError as e:
+        partial.unlink(missing_ok=True)
+        raise HubError(f"{quant.name}: the download is not a usable GGUF ({e.message}); removed it", "run the pull again") from None
+    if info.file_type != quant.ftype:
+        partial.unlink(missing_ok=True)
+        raise HubError(f"{quant.name}: the file on the Hub has quant type {info.file_type}, not {quant.ftype}; removed it")
+
+
+def _link_snapshot(blob: Path, commit: str, filename: str, config: HubConfig) -> Path:
+    """snapshots/<commit>/<file> → ../../blobs/<sha>, refs/<revision> = commit: HF's cache layout."""
+    repo = _repo_dir(config)
+    link = repo / "snapshots" / commit / filename
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{filename}.{os.getpid()}.link")
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.path.relpath(blob, link.parent))
+    except OSError:  # no symlinks (Windows without developer mode): keep the bytes in the snapshot
+        shutil.copyfile(blob, tmp)
+    os.replace(tmp, link)
+    ref = repo / "refs" / catalog.load().model.revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(commit)
+    return link
+
+
+def remove(name: str, config: HubConfig | None = None) -> list[Path]:
+    """Delete a pulled quant (snapshot link, blob, partial download). Returns what was removed."""
+    config = config or HubConfig.from_env()
+    quant = catalog.load().get(name)
+    removed = []
+    while (path := cached_path(quant, config)) is not None:
+        blob = path.resolve()
+        for p in {path, blob}:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    if not removed:
+        raise RefactGGUFError(f"{quant.name} is not in the cache", "refact-gguf list shows what is")
+    return removed
