@@ -14,6 +14,8 @@ from importlib import resources
 
 from .errors import UnknownQuantError
 
+__all__ = ["Catalog", "ModelInfo", "Quant", "UnknownQuantError", "load", "readme_table"]
+
 GIB = 1024**3
 
 

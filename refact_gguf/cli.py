@@ -111,6 +111,89 @@ def convert(
         out.print(str(path))
 
 
+@app.command()
+def pull(
+    name: Annotated[Optional[str], typer.Argument(help="Quant name (case-insensitive), e.g. Q4_K_M. Default: what `recommend` picks here.")] = None,
+    local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="Download into this directory instead of the HF cache.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Download again even if the file is already there.")] = False,
+) -> None:
+    """Download a prebuilt quant from the Hub, verified, resumable.
+
+    Goes into the standard Hugging Face cache (HF_HOME / HF_HUB_CACHE; HF_TOKEN, HF_ENDPOINT and
+    HF_HUB_OFFLINE are honoured). An interrupted download continues where it stopped; the file is
+    checked against the Hub's sha256 and as a Refact GGUF of the right type. Pulling a file that is
+    already complete makes no network request.
+
+    **Examples**
+
+        refact-gguf pull Q4_K_M
+        refact-gguf pull                       # the quant recommended for this machine
+        refact-gguf pull q8_0 --local-dir ./models
+    """
+    from .hub import pull as run_pull
+    from .select import recommend
+
+    if name is None:
+        name = recommend()[0].name
+        err.print(f"recommended for this machine: {name}")
+    out.print(str(run_pull(name, local_dir=local_dir, force=force, progress=RichProgress())))
+
+
+@app.command("list")
+def list_quants(
+    ctx_size: Annotated[int, typer.Option("--ctx", min=64, help="Context length the fit is judged for.")] = 4096,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Every quant of the table: size, bits per weight, quality, pulled or not, fits here or not.
+
+    **Examples**
+
+        refact-gguf list
+        refact-gguf list --json --ctx 2048
+    """
+    import json
+
+    from rich.table import Table
+
+    from .catalog import load
+    from .hub import cached_quants
+    from .select import estimate, fits, free_memory
+
+    cat, memory, cached = load(), free_memory(), cached_quants()
+    rows = []
+    for q in cat.quants:
+        est = estimate(q, ctx_size)
+        rows.append({
+            "name": q.name, "file": q.filename(cat.model), "size_gib": q.size_gib, "bpw": round(q.bpw(cat.model), 2),
+            "quality_rank": cat.quality_rank(q), "needs_gib": round(est.total / 2**30, 2),
+            "fits": fits(est, memory), "path": str(cached[q.name]) if q.name in cached else None,
+        })
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"{cat.model.name} quants ({cat.model.gguf_repo})")
+    for col in ("name", "size", "bits/w", "quality", "needs", "fits", "pulled"):
+        table.add_column(col, justify="right" if col in ("size", "bits/w", "quality", "needs") else "left")
+    for r in rows:
+        table.add_row(r["name"], f"{r['size_gib']:.2f} GiB", f"{r['bpw']:.2f}", str(r["quality_rank"]), f"{r['needs_gib']:.2f} GiB",
+                      "[green]yes[/]" if r["fits"] else "[red]no[/]", r["path"] or "—")
+    out.print(table)
+
+
+@app.command("rm")
+def remove(name: Annotated[str, typer.Argument(help="Quant name, e.g. Q4_K_M.")]) -> None:
+    """Remove a pulled quant from the cache.
+
+    **Examples**
+
+        refact-gguf rm Q4_K_M
+    """
+    from .hub import remove as run_remove
+
+    for path in run_remove(name):
+        out.print(f"removed {path}")
+
+
 # ---------------------------------------------------------------------------- entry point
 
 

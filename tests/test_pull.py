@@ -1,0 +1,167 @@
+"""`pull` against a real HTTP server on 127.0.0.1 speaking the Hub's protocol. Nothing leaves
+the machine: HF_ENDPOINT points at the fake hub."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from convert import convert
+from refact_gguf import catalog, hub
+from refact_gguf.errors import OutputError
+from refact_gguf.hub import HubConfig, HubError
+
+from .fake_hub import FakeHub
+
+CAT = catalog.load()
+REPO = CAT.model.gguf_repo
+Q8 = "Refact-1_6B-fim.Q8_0.gguf"
+
+
+@pytest.fixture(scope="session")
+def small_quants(hf_fused, tmp_path_factory):
+    return convert(hf_fused, tmp_path_factory.mktemp("pullsrc"), "f16", CAT.select("Q8_0,Q4_K_M")).quants
+
+
+@pytest.fixture
+def fake_hub(small_quants):
+    server = FakeHub(REPO)
+    for name, path in small_quants.items():
+        server.add(path.name, path)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def env(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    return tmp_path
+
+
+def config(**kw) -> HubConfig:
+    return HubConfig.from_env(backoff=0.01, timeout=5, **kw)
+
+
+def test_fresh_pull_into_hf_cache_layout(env, fake_hub, small_quants):
+    path = hub.pull("q8_0", config=config())
+    assert path.read_bytes() == small_quants["Q8_0"].read_bytes()
+    repo = env / "cache" / "models--RichardErkhov--smallcloudai_-_Refact-1_6B-fim-gguf"
+    assert path == repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567" / Q8
+    assert path.is_symlink() and path.resolve() == repo / "blobs" / fake_hub.sha(Q8)
+    assert (repo / "refs" / "main").read_text() == "0123456789abcdef0123456789abcdef01234567"
+    # huggingface_hub finds it where it expects it
+    from huggingface_hub import try_to_load_from_cache
+
+    assert try_to_load_from_cache(REPO, Q8, cache_dir=env / "cache") == str(path)
+    # the token went to the Hub's resolve endpoint, never to the CDN
+    assert fake_hub.resolve_requests()[0].authorization == "Bearer hf_test_token"
+    assert {r.authorization for r in fake_hub.blob_requests()} == {None}
+
+
+def test_cached_pull_makes_no_request(env, fake_hub):
+    hub.pull("Q8_0", config=config())
+    before = len(fake_hub.requests)
+    t0 = time.perf_counter()
+    hub.pull("Q8_0", config=config())
+    assert len(fake_hub.requests) == before
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_offline_cached_pull_works_and_uncached_explains(env, fake_hub, monkeypatch):
+    hub.pull("Q8_0", config=config())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = len(fake_hub.requests)
+    assert hub.pull("Q8_0", config=config()).is_file()
+    with pytest.raises(HubError, match=r"HF_HUB_OFFLINE is set, and Q4_K_M is not in the cache \(cached quants: Q8_0\)") as e:
+        hub.pull("Q4_K_M", config=config())
+    assert "--model /path/to/model.gguf" in e.value.hint
+    assert len(fake_hub.requests) == before
+
+
+def test_dropped_connection_resumes_with_range(env, fake_hub, small_quants):
+    fake_hub.drop_after = 300_000
+    path = hub.pull("Q8_0", config=config())
+    assert path.read_bytes() == small_quants["Q8_0"].read_bytes()
+    ranges = [r.range for r in fake_hub.blob_requests()]
+    assert ranges == [None, "bytes=300000-"]
+
+
+def test_killed_process_resumes_from_partial_file(env, fake_hub, small_quants):
+    fake_hub.hang_after = 1_000_000
+    proc = subprocess.Popen([sys.executable, "-m", "refact_gguf.cli", "pull", "Q8_0"], env=os.environ.copy(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = env / "cache" / "models--RichardErkhov--smallcloudai_-_Refact-1_6B-fim-gguf" / "blobs" / f"{fake_hub.sha(Q8)}.incomplete"
+    deadline = time.time() + 60
+    while not (partial.is_file() and partial.stat().st_size == 1_000_000):
+        assert time.time() < deadline, "the subprocess never wrote the first megabyte"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    fake_hub.hang_after = None
+    fake_hub.release.set()
+    path = hub.pull("Q8_0", config=config())
+    assert path.read_bytes() == small_quants["Q8_0"].read_bytes()
+    assert fake_hub.blob_requests()[-1].range == "bytes=1000000-"
+    assert not partial.exists()
+
+
+def test_corrupted_bytes_detected_and_removed(env, fake_hub):
+    fake_hub.corrupt = True
+    with pytest.raises(HubError, match="sha256 .* is not the Hub's .*; the corrupt file was removed"):
+        hub.pull("Q8_0", config=config())
+    blobs = env / "cache" / "models--RichardErkhov--smallcloudai_-_Refact-1_6B-fim-gguf" / "blobs"
+    assert [p.name for p in blobs.iterdir() if not p.name.endswith(".lock")] == []
+    assert hub.cached_path(CAT.get("Q8_0"), config()) is None
+
+
+def test_wrong_quant_type_on_the_hub_is_refused(env, fake_hub, small_quants):
+    # the Hub serves a Q4_K_M under the Q8_0 name: the sha matches, the GGUF check does not
+    fake_hub.files[Q8] = small_quants["Q4_K_M"].read_bytes()
+    with pytest.raises(HubError, match="quant type 15, not 7; removed it"):
+        hub.pull("Q8_0", config=config())
+
+
+def test_not_enough_disk_refused_before_downloading(env, fake_hub, monkeypatch):
+    monkeypatch.setattr(hub.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+    with pytest.raises(OutputError, match="not enough disk space for Refact-1_6B-fim.Q8_0.gguf"):
+        hub.pull("Q8_0", config=config())
+    assert fake_hub.blob_requests() == []
+
+
+def test_unknown_name(env, fake_hub):
+    with pytest.raises(catalog.UnknownQuantError) as e:
+        hub.pull("Q9_9", config=config())
+    assert fake_hub.requests == []
+    assert "Q2_K" in e.value.message
+
+
+@pytest.mark.parametrize("status,message", [(404, "was not found in .* \\(HTTP 404\\)"), (401, "refused access .* \\(HTTP 401\\)")])
+def test_http_errors(env, fake_hub, status, message):
+    fake_hub.status = status
+    with pytest.raises(HubError, match=message):
+        hub.pull("Q8_0", config=config())
+
+
+def test_unreachable_hub(env, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
+    with pytest.raises(HubError, match="cannot reach http://127.0.0.1:9"):
+        hub.pull("Q8_0", config=config())
+
+
+def test_local_dir_and_rm(env, fake_hub, small_quants):
+    path = hub.pull("Q8_0", local_dir=env / "models", config=config())
+    assert path == env / "models" / Q8 and path.read_bytes() == small_quants["Q8_0"].read_bytes()
+    hub.pull("Q8_0", config=config())
+    removed = hub.remove("q8_0", config=config())
+    assert hub.cached_path(CAT.get("Q8_0"), config()) is None
+    assert len(removed) == 2
