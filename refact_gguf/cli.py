@@ -68,6 +68,33 @@ def _root(
     """Run smallcloudai/Refact-1_6B-fim as GGUF quants, fully offline."""
 
 
+ModelRef = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="A quant name (pulled) or a .gguf path. Default: the best pulled quant that fits here."),
+]
+CtxSize = Annotated[int, typer.Option("--ctx", min=64, help="Context length in tokens.")]
+GpuLayers = Annotated[str, typer.Option("--gpu-layers", help="Layers to offload to the GPU: a number, or 'auto' (all if they fit in free VRAM).")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")]
+Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")]
+
+
+def _runtime(model: Optional[str], ctx_size: int, gpu_layers: str, threads: Optional[int]):
+    from .runtime import Runtime, resolve_model
+
+    path = resolve_model(model)
+    err.print(f"[dim]model: {path}[/]")
+    return Runtime(path, n_ctx=ctx_size, n_gpu_layers=gpu_layers, threads=threads)
+
+
+def _report(result) -> None:
+    for note in result.notes:
+        err.print(f"[yellow]note:[/] {escape(note)}")
+    err.print(
+        f"[dim]{result.tokens_evaluated} prompt tokens evaluated ({result.tokens_cached} cached), "
+        f"{result.tokens_predicted} generated in {result.predicted_ms:.0f} ms; stop: {result.stop_reason}[/]"
+    )
+
+
 # ---------------------------------------------------------------------------- commands
 
 
@@ -109,6 +136,190 @@ def convert(
     )
     for path in [result.base, *result.quants.values()]:
         out.print(str(path))
+
+
+@app.command()
+def run(
+    prompt: Annotated[Optional[str], typer.Argument(help="Text to continue (plain completion). Omit with --fim.")] = None,
+    fim_mode: Annotated[bool, typer.Option("--fim", help="Fill in the middle between a prefix and a suffix.")] = False,
+    prefix: Annotated[Optional[str], typer.Option("--prefix", help="Code before the cursor.")] = None,
+    suffix: Annotated[Optional[str], typer.Option("--suffix", help="Code after the cursor.")] = None,
+    prefix_file: Annotated[Optional[Path], typer.Option("--prefix-file", help="Read the prefix from a file.")] = None,
+    suffix_file: Annotated[Optional[Path], typer.Option("--suffix-file", help="Read the suffix from a file.")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", help="Source file to complete in, with --line/--col as the cursor.")] = None,
+    line: Annotated[Optional[int], typer.Option("--line", min=1, help="Cursor line in --file (1-based).")] = None,
+    col: Annotated[int, typer.Option("--col", min=1, help="Cursor column in --file (1-based).")] = 1,
+    fim_order: Annotated[str, typer.Option("--fim-order", help="spm (default: what Refact's own client sends; cache-friendly) or psm.")] = "spm",
+    single_line: Annotated[bool, typer.Option("--single-line", help="Stop at the end of the cursor's line.")] = False,
+    model: ModelRef = None,
+    max_tokens: MaxTokens = 128,
+    temperature: Temperature = 0.0,
+    ctx_size: CtxSize = 4096,
+    gpu_layers: GpuLayers = "auto",
+    threads: Threads = None,
+    verbose: Verbose = False,
+) -> None:
+    """Complete code: fill in the middle (--fim) or continue a prompt. Streams to stdout.
+
+    With --fim the code comes from --prefix/--suffix, --prefix-file/--suffix-file, --file with
+    --line/--col, or standard input with a <CURSOR> marker.
+
+    **Examples**
+
+        refact-gguf run --fim --prefix 'def add(a, b):' --suffix 'print(add(1, 2))'
+        refact-gguf run --fim --file app.py --line 42 --col 5
+        printf 'def f(x):\n    <CURSOR>\n' | refact-gguf run --fim
+        refact-gguf run 'import numpy as np' -n 32
+    """
+    from .fimsource import read_fim_input
+    from .runtime import Sampling
+
+    show_llama_log(verbose)
+    sampling = Sampling(temperature=temperature)
+    if fim_mode:
+        before, after = read_fim_input(prefix, suffix, prefix_file, suffix_file, file, line, col)
+    elif prompt is None:
+        raise typer.BadParameter("give a PROMPT, or --fim with a prefix/suffix")
+    with _runtime(model, ctx_size, gpu_layers, threads) as rt:
+        write = lambda text: (out.file.write(text), out.file.flush())  # noqa: E731 - raw text, no markup
+        if fim_mode:
+            result = rt.fim(before, after, order=fim_order, max_tokens=max_tokens, multiline=not single_line,
+                            sampling=sampling, on_text=write)
+        else:
+            result = rt.complete(prompt, max_tokens=max_tokens, sampling=sampling, on_text=write)
+        out.file.write("\n")
+    _report(result)
+
+
+@app.command()
+def chat(
+    message: Annotated[Optional[str], typer.Option("--message", help="Ask one question, print the answer, exit.")] = None,
+    system: Annotated[str, typer.Option("--system", help="System prompt.")] = "You are a programming assistant",
+    model: ModelRef = None,
+    max_tokens: MaxTokens = 512,
+    temperature: Temperature = 0.2,
+    ctx_size: CtxSize = 4096,
+    gpu_layers: GpuLayers = "auto",
+    threads: Threads = None,
+    verbose: Verbose = False,
+) -> None:
+    """Chat with the model in Refact's chat format (interactive unless --message).
+
+    **Examples**
+
+        refact-gguf chat
+        refact-gguf chat --message 'How do I sort a list in Python?'
+    """
+    from .chat import Message
+    from .runtime import Sampling
+
+    show_llama_log(verbose)
+    history = [Message("system", system)]
+    sampling = Sampling(temperature=temperature)
+    with _runtime(model, ctx_size, gpu_layers, threads) as rt:
+        while True:
+            if message is None:
+                try:
+                    text = err.input("[bold cyan]you>[/] ")
+                except (EOFError, KeyboardInterrupt):
+                    err.print()
+                    return
+                if not text.strip():
+                    continue
+            else:
+                text = message
+            history.append(Message("user", text))
+            write = lambda t: (out.file.write(t), out.file.flush())  # noqa: E731
+            result = rt.chat(history, max_tokens=max_tokens, sampling=sampling, on_text=write)
+            out.file.write("\n")
+            for note in result.notes:
+                err.print(f"[yellow]note:[/] {escape(note)}")
+            history.append(Message("assistant", result.text))
+            if message is not None:
+                return
+
+
+@app.command()
+def recommend(
+    ctx_size: CtxSize = 4096,
+    gpu: Annotated[bool, typer.Option("--gpu", help="Size for free GPU memory (NVIDIA) instead of RAM.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Pick the best-quality quant that fits this machine's free memory, and show why.
+
+    **Examples**
+
+        refact-gguf recommend
+        refact-gguf recommend --ctx 2048 --json
+        refact-gguf recommend --gpu
+    """
+    import json
+
+    from rich.table import Table
+
+    from .catalog import load
+    from .select import MARGIN, free_memory
+    from .select import recommend as pick
+
+    memory = free_memory()
+    best, estimates = pick(memory, ctx_size, gpu)
+    budget = int((memory.vram_free if gpu else memory.ram_available) * MARGIN)
+    if as_json:
+        out.print_json(json.dumps({
+            "recommended": best.name, "budget_bytes": budget, "ram_available": memory.ram_available,
+            "vram_free": memory.vram_free, "n_ctx": ctx_size,
+            "quants": [{"name": e.quant.name, "total": e.total, "weights": e.weights, "kv_cache": e.kv_cache,
+                        "compute": e.compute, "overhead": e.overhead, "fits": e.total <= budget} for e in estimates],
+        }))
+        return
+    cat = load()
+    table = Table(title=f"MiB needed at --ctx {ctx_size}; usable {budget / 2**30:.2f} GiB ({MARGIN:.0%} of free {'VRAM' if gpu else 'RAM'})")
+    for col in ("quant", "rank", "weights", "KV", "compute", "runtime", "total", "fits"):
+        table.add_column(col, justify="left" if col in ("quant", "fits") else "right")
+    for e in sorted(estimates, key=lambda e: e.quant.kld):
+        mark = "[bold green]best[/]" if e.quant == best else ("yes" if e.total <= budget else "[red]no[/]")
+        table.add_row(e.quant.name, str(cat.quality_rank(e.quant)), *(f"{v / 2**20:.0f}" for v in
+                      (e.weights, e.kv_cache, e.compute, e.overhead, e.total)), mark)
+    err.print(table)
+    out.print(best.name)
+
+
+@app.command()
+def quickstart(
+    threads: Threads = None,
+    verbose: Verbose = False,
+) -> None:
+    """The whole path once: get a model, load it, fill in the middle, chat.
+
+    With Hub access it pulls the real model (the quant `recommend` picks). Offline it builds a
+    small SYNTHETIC model here (real architecture and tokenizer, random weights: convert →
+    quantize), so every step still runs; its text is gibberish by design and labelled so.
+
+    **Examples**
+
+        refact-gguf quickstart
+        HF_HUB_OFFLINE=1 refact-gguf quickstart
+    """
+    from .chat import Message
+    from .quickstart import EXAMPLE_PREFIX, EXAMPLE_QUESTION, EXAMPLE_SUFFIX, choose_model
+    from .runtime import Runtime
+
+    show_llama_log(verbose)
+    chosen = choose_model(RichProgress())
+    label = "[bold yellow]SYNTHETIC model, random weights: the output below is gibberish by design[/]" if chosen.synthetic else "[green]real model[/]"
+    err.print(f"model: {chosen.path}\n  {escape(chosen.why)}\n  {label}")
+    with Runtime(chosen.path, n_ctx=2048, threads=threads) as rt:
+        err.rule("fill in the middle (SPM)")
+        err.print(f"[dim]{escape(EXAMPLE_PREFIX)}[/][reverse]<cursor>[/][dim]{escape(EXAMPLE_SUFFIX)}[/]")
+        result = rt.fim(EXAMPLE_PREFIX, EXAMPLE_SUFFIX, max_tokens=48)
+        out.print(f"FIM completion: {result.text!r}")
+        _report(result)
+        err.rule("chat")
+        reply = rt.chat([Message("system", "You are a programming assistant"), Message("user", EXAMPLE_QUESTION)], max_tokens=48)
+        out.print(f"chat reply to {EXAMPLE_QUESTION!r}: {reply.text!r}")
+        _report(reply)
+    if chosen.synthetic:
+        err.print("[yellow]That was the synthetic model.[/] With network: [bold]refact-gguf pull[/], then [bold]refact-gguf run --fim[/].")
 
 
 @app.command()

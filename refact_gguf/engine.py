@@ -84,17 +84,23 @@ class Context:
         self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
         self.n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._all: list[np.ndarray] = []
         self.n_past = 0
 
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ptr), True)
         self.n_past = 0
 
-    def eval(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
-        """Append tokens to the cache; logits of the last token [n_vocab] or of all [n, n_vocab]."""
+    def keep(self, n: int) -> None:
+        """Keep the first `n` cached tokens, drop the rest (the KV-cache reuse primitive)."""
+        if n < self.n_past:
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ptr), 0, n, -1)
+            self.n_past = n
+
+    def decode(self, tokens: list[int], all_logits: bool = False) -> None:
+        """Append tokens to the cache; logits are computed for the last one (or all), not copied."""
         if self.n_past + len(tokens) > self.n_ctx:
-            raise RefactGGUFError(f"{self.n_past + len(tokens)} tokens do not fit the context of {self.n_ctx}")
-        out = []
+            raise RefactGGUFError(f"{self.n_past + len(tokens)} tokens do not fit the context of {self.n_ctx}", "raise --ctx")
         b = self._batch
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
@@ -110,12 +116,16 @@ class Context:
             if status != 0:
                 raise RefactGGUFError(f"llama.cpp failed to evaluate the prompt (llama_decode returned {status})")
             self.n_past += len(chunk)
-            n_out = len(chunk) if all_logits else int(last_chunk)
-            if n_out:
-                logits = llama_cpp.llama_get_logits(self.ptr)
-                out.append(np.ctypeslib.as_array(logits, shape=(n_out, self.model.n_vocab)).copy())
-        result = np.concatenate(out) if out else np.empty((0, self.model.n_vocab), np.float32)
-        return result if all_logits else result[-1]
+            if all_logits:
+                self._all.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ptr), shape=(len(chunk), self.model.n_vocab)).copy())
+
+    def eval(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+        """decode() and return a copy of the logits: of the last token [n_vocab] or all [n, n_vocab]."""
+        self._all = []
+        self.decode(tokens, all_logits)
+        if all_logits:
+            return np.concatenate(self._all) if self._all else np.empty((0, self.model.n_vocab), np.float32)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ptr, -1), shape=(self.model.n_vocab,)).copy()
 
     def close(self) -> None:
         if self.ptr:

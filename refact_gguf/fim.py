@@ -1,0 +1,159 @@
+"""Fill-in-the-middle: prompt layout as token ids, truncation, and the stop rules for code.
+
+Pure functions over a `tokenize(text) -> ids` callable, so they are tested without a model.
+
+Order. SPM (`<fim_suffix>S<fim_prefix>P<fim_middle>`) is the default: it is what smallcloudai's
+own IDE client sends for this model, and it puts the text being typed (the end of the prefix) at
+the end of the prompt, so each keystroke only appends tokens and everything before them stays
+valid in the KV cache. PSM (`<fim_prefix>P<fim_suffix>S<fim_middle>`, the model card's example)
+is available with `order="psm"`.
+
+Truncation. When prefix + suffix exceed the budget, the text nearest the cursor is kept: the tail
+of the prefix and the head of the suffix, cut at line boundaries. The suffix gets at most
+`SUFFIX_SHARE` of the budget (the prefix matters more for what comes next); whatever one side
+does not use goes to the other. Cuts are reported, never silent.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+Tokenize = Callable[[str], list[int]]
+Order = Literal["spm", "psm"]
+
+FIM_PREFIX_ID, FIM_MIDDLE_ID, FIM_SUFFIX_ID = 1, 2, 3
+SUFFIX_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class FimPrompt:
+    tokens: list[int]
+    prefix: str  # the prefix text actually used (its tail, if truncated)
+    suffix: str  # the suffix text actually used (its head, if truncated)
+    prefix_truncated: bool
+    suffix_truncated: bool
+
+    @property
+    def truncated(self) -> bool:
+        return self.prefix_truncated or self.suffix_truncated
+
+
+def _fit(tokenize: Tokenize, text: str, budget: int, keep: Literal["head", "tail"]) -> tuple[str, list[int], bool]:
+    """The most whole lines of `text` (from its head or tail) whose tokens fit `budget`."""
+    ids = tokenize(text)
+    if len(ids) <= budget:
+        return text, ids, False
+    lines = text.splitlines(keepends=True)
+    pick = (lambda k: "".join(lines[-k:]) if k else "") if keep == "tail" else (lambda k: "".join(lines[:k]))
+    lo, hi = 0, len(lines)  # largest k with tokens(pick(k)) <= budget; k = len(lines) does not fit
+    while lo < hi - 1:
+        mid = (lo + hi) // 2
+        if len(tokenize(pick(mid))) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    if lo == 0 and keep == "tail" and lines:
+        # Even the cursor's own line is too long: keep its end, character-wise.
+        line = lines[-1]
+        cut = len(line)
+        while cut > 0 and len(tokenize(line[len(line) - cut :])) > budget:
+            cut = cut * 3 // 4
+        kept = line[len(line) - cut :]
+        return kept, tokenize(kept), True
+    kept = pick(lo)
+    return kept, tokenize(kept), True
+
+
+def build_prompt(tokenize: Tokenize, prefix: str, suffix: str, budget: int, order: Order = "spm") -> FimPrompt:
+    """Token ids of a FIM prompt within `budget` tokens (specials included). No BOS.
+
+    `tokenize` must not parse special tokens: source code containing "<fim_suffix>" stays text.
+    """
+    if order not in ("spm", "psm"):
+        raise ValueError(f"unknown FIM order {order!r}: use 'spm' or 'psm'")
+    room = max(0, budget - 3)
+    suffix_ids_full = tokenize(suffix)
+    prefix_ids_full = tokenize(prefix)
+    suffix_budget = min(len(suffix_ids_full), max(int(room * SUFFIX_SHARE), room - len(prefix_ids_full)))
+    suffix_text, suffix_ids, suffix_cut = _fit(tokenize, suffix, suffix_budget, "head")
+    prefix_text, prefix_ids, prefix_cut = _fit(tokenize, prefix, room - len(suffix_ids), "tail")
+    if order == "spm":
+        tokens = [FIM_SUFFIX_ID, *suffix_ids, FIM_PREFIX_ID, *prefix_ids, FIM_MIDDLE_ID]
+    else:
+        tokens = [FIM_PREFIX_ID, *prefix_ids, FIM_SUFFIX_ID, *suffix_ids, FIM_MIDDLE_ID]
+    return FimPrompt(tokens, prefix_text, suffix_text, prefix_cut, suffix_cut)
+
+
+# ---------------------------------------------------------------------------------- stop rules
+
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" \t"))
+
+
+class StopRules:
+    """Decides, as text streams in, where a code completion ends.
+
+    - single-line mode: the first newline;
+    - multi-line mode: a blank line;
+    - a line that dedents below the cursor's block;
+    - a line that repeats the suffix's first non-empty line (the model re-typing what follows).
+    `final()` is the completion; `safe()` the part that no later rule can cut (whole lines).
+    An empty completion is a valid answer.
+    """
+
+    def __init__(self, prefix: str, suffix: str, multiline: bool = True):
+        self.cursor_line = prefix.rsplit("\n", 1)[-1]
+        self.block_indent = _indent(self.cursor_line)
+        self.suffix_line = next((ln.strip() for ln in suffix.splitlines() if ln.strip()), None)
+        self.multiline = multiline
+        self.text = ""
+        self.stopped: str | None = None  # why generation should stop, once it should
+
+    def feed(self, piece: str) -> bool:
+        """Add generated text; True when generation should stop."""
+        if self.stopped:
+            return True
+        self.text += piece
+        cut = self._cut(self.text)
+        if cut is not None:
+            self.text, self.stopped = self.text[: cut[0]], cut[1]
+        return self.stopped is not None
+
+    def _cut(self, text: str) -> tuple[int, str] | None:
+        if not self.multiline and "\n" in text:
+            return text.index("\n"), "newline"
+        blank = _BLANK_LINE.search(text)
+        if blank:
+            text_end, reason = blank.start(), "blank line"
+        else:
+            text_end, reason = len(text), None
+        lines = text[:text_end].split("\n")
+        pos = 0
+        for i, line in enumerate(lines):
+            complete = i < len(lines) - 1 or reason is not None
+            if self.suffix_line and complete and (line if i else self.cursor_line + line).strip() == self.suffix_line and line.strip():
+                return max(0, pos - 1), "repeats suffix"
+            if i and line.strip() and _indent(line) < self.block_indent:
+                return pos - 1, "dedent"
+            pos += len(line) + 1
+        return (text_end, reason) if reason else None
+
+    def safe(self) -> str:
+        """Text no later rule can cut: everything before the last newline (all, once stopped).
+        A cut removes the line *and* the newline before it, so that newline is not safe yet."""
+        if self.stopped:
+            return self.text
+        return self.text[: max(0, self.text.rfind("\n"))]
+
+    def final(self) -> str:
+        """The completion once generation ended for any reason; drops a dangling suffix repeat."""
+        if not self.stopped:
+            cut = self._cut(self.text + "\n")
+            if cut is not None and cut[0] < len(self.text):
+                return self.text[: cut[0]]
+        return self.text

@@ -1,0 +1,49 @@
+"""Where `run --fim` gets its prefix and suffix: options, files, a cursor position, or stdin."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .errors import RefactGGUFError
+
+CURSOR = "<CURSOR>"
+
+
+def _read(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise RefactGGUFError(f"cannot read {path}: {e.strerror}") from None
+
+
+def split_at(text: str, line: int, col: int) -> tuple[str, str]:
+    """Split `text` at 1-based line/column; the column may sit just past the line's end."""
+    lines = text.splitlines(keepends=True) or [""]
+    if line > len(lines) + (1 if text.endswith("\n") else 0):
+        raise RefactGGUFError(f"--line {line} is past the end of the file ({len(lines)} lines)")
+    before = "".join(lines[: line - 1])
+    current = lines[line - 1] if line - 1 < len(lines) else ""
+    body = current.rstrip("\r\n")
+    if col - 1 > len(body):
+        raise RefactGGUFError(f"--col {col} is past the end of line {line} ({len(body)} characters)")
+    return before + current[: col - 1], current[col - 1 :] + "".join(lines[line:])
+
+
+def read_fim_input(prefix, suffix, prefix_file, suffix_file, file, line, col, stdin=None) -> tuple[str, str]:
+    if file is not None:
+        if line is None:
+            raise RefactGGUFError("--file needs --line (and optionally --col) to place the cursor")
+        return split_at(_read(file), line, col)
+    if prefix is not None or suffix is not None or prefix_file is not None or suffix_file is not None:
+        before = _read(prefix_file) if prefix_file else (prefix or "")
+        after = _read(suffix_file) if suffix_file else (suffix or "")
+        return before, after
+    stream = stdin or sys.stdin
+    if stream.isatty():
+        raise RefactGGUFError("no code given", f"pass --prefix/--suffix, --file with --line, or pipe code containing {CURSOR}")
+    text = stream.read()
+    if CURSOR not in text:
+        raise RefactGGUFError(f"standard input has no {CURSOR} marker", f"put {CURSOR} where the completion goes")
+    before, _, after = text.partition(CURSOR)
+    return before, after

@@ -1,0 +1,271 @@
+"""The runtime the CLI and the server share: load a model, then FIM, completion and chat.
+
+One `Runtime` owns a llama.cpp context and remembers which tokens its KV cache holds, so a
+request that shares a prefix with the previous one evaluates only the new tokens. Sampling runs
+in llama.cpp's sampler chain (no logits copied to Python per token).
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import llama_cpp
+
+from . import catalog, chat, fim
+from .engine import Context, Model
+from .errors import ModelFileError, RefactGGUFError
+
+OnText = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy by default (temperature 0): code completion wants the likeliest tokens."""
+
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    stop_reason: str  # eos | special | max_tokens | newline | blank line | dedent | repeats suffix | time
+    prompt_tokens: int
+    tokens_cached: int  # prompt tokens reused from the KV cache
+    tokens_evaluated: int  # prompt tokens actually evaluated for this request
+    tokens_predicted: int
+    prompt_ms: float
+    predicted_ms: float
+    truncated: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_model(ref: str | Path | None) -> Path:
+    """A path, a quant name (from the cache), or None: the best pulled quant that fits here."""
+    from .hub import cached_path, cached_quants
+    from .select import estimate, fits, free_memory, recommend
+
+    cat = catalog.load()
+    if ref is not None and (Path(ref).suffix == ".gguf" or os.sep in str(ref) or Path(ref).exists()):
+        path = Path(ref).expanduser()
+        if not path.is_file():
+            raise ModelFileError(f"{path} does not exist", "pass a .gguf file or a quant name (refact-gguf list)")
+        return path
+    if ref is not None:
+        quant = cat.get(str(ref))
+        path = cached_path(quant)
+        if path is None:
+            raise RefactGGUFError(f"{quant.name} is not pulled yet", f"run: refact-gguf pull {quant.name}")
+        return path
+    cached = cached_quants()
+    memory = free_memory()
+    usable = [cat.get(n) for n, p in cached.items() if fits(estimate(cat.get(n), size_bytes=p.stat().st_size), memory)]
+    if usable:
+        best = min(usable, key=lambda q: q.kld)
+        return cached[best.name]
+    if cached:
+        return cached[min(cached, key=lambda n: cat.get(n).size_gib)]
+    raise RefactGGUFError("no model pulled yet", f"run: refact-gguf pull {recommend(memory)[0].name}")
+
+
+def gpu_layers(setting: str | int, model_path: Path) -> int:
+    """`auto`: every layer when llama.cpp has a GPU backend and the model fits in free VRAM."""
+    if setting != "auto":
+        return int(setting)
+    if not llama_cpp.llama_supports_gpu_offload():
+        return 0
+    from .select import estimate, free_memory
+
+    memory = free_memory()
+    need = estimate(catalog.load().get("Q8_0"), size_bytes=model_path.stat().st_size).total
+    return 999 if memory.vram_free and memory.vram_free > need else 0
+
+
+class Runtime:
+    def __init__(self, model_path: Path, n_ctx: int = 4096, n_gpu_layers: str | int = 0, threads: int | None = None):
+        self.path = Path(model_path)
+        self.model = Model(self.path, gpu_layers(n_gpu_layers, self.path))
+        self.ctx = Context(self.model, n_ctx=n_ctx, threads=threads)
+        self.cached: list[int] = []  # tokens the KV cache holds, in order
+        self._sampler = None
+        self._sampling: Sampling | None = None
+
+    def close(self) -> None:
+        if self._sampler:
+            llama_cpp.llama_sampler_free(self._sampler)
+            self._sampler = None
+        self.ctx.close()
+        self.model.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -------------------------------------------------------------------------- plumbing
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.model.tokenize(text, special=False)
+
+    def _sampler_for(self, s: Sampling):
+        if self._sampler is not None and self._sampling == s:
+            llama_cpp.llama_sampler_reset(self._sampler)
+            return self._sampler
+        if self._sampler is not None:
+            llama_cpp.llama_sampler_free(self._sampler)
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if s.temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(s.top_k))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(s.temperature))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(s.seed))
+        self._sampler, self._sampling = chain, s
+        return chain
+
+    def prefill(self, prompt: list[int]) -> tuple[int, int]:
+        """Bring the KV cache to `prompt`, reusing the longest common prefix. (cached, evaluated)."""
+        common = 0
+        for a, b in zip(self.cached, prompt):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1)  # the last prompt token is evaluated for its logits
+        self.ctx.keep(common)
+        self.cached = self.cached[:common]
+        self.ctx.decode(prompt[common:])
+        self.cached = list(prompt)
+        return common, len(prompt) - common
+
+    def generate(
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        sampling: Sampling = Sampling(),
+        accept: Callable[[str], bool] = lambda text: False,
+        stop_ids: Iterable[int] = (),
+        deadline: float | None = None,
+    ) -> Completion:
+        """Prefill, then sample until an end token, `max_tokens`, `accept(text) → True`, or the deadline."""
+        if not prompt:
+            raise RefactGGUFError("empty prompt")
+        if len(prompt) + max_tokens > self.ctx.n_ctx:
+            max_tokens = max(0, self.ctx.n_ctx - len(prompt))
+        t0 = time.perf_counter()
+        cached, evaluated = self.prefill(prompt)
+        t1 = time.perf_counter()
+        smpl = self._sampler_for(sampling)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stop_ids = set(stop_ids)
+        vocab = self.model.vocab
+        reason, n = "max_tokens", 0
+        while n < max_tokens:
+            tok = llama_cpp.llama_sampler_sample(smpl, self.ctx.ptr, -1)
+            if llama_cpp.llama_vocab_is_eog(vocab, tok):
+                reason = "eos"
+                break
+            if tok in stop_ids or llama_cpp.llama_vocab_is_control(vocab, tok):
+                reason = "special"
+                break
+            n += 1
+            if accept(decoder.decode(self.model.piece(tok))):
+                reason = "rules"
+                break
+            if n >= max_tokens:
+                break
+            if deadline is not None and time.perf_counter() > deadline:
+                reason = "time"
+                break
+            self.ctx.decode([tok])
+            self.cached.append(tok)
+        accept(decoder.decode(b"", final=True))
+        t2 = time.perf_counter()
+        return Completion("", reason, len(prompt), cached, evaluated, n, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+
+    # -------------------------------------------------------------------------- tasks
+
+    def fim(
+        self,
+        prefix: str,
+        suffix: str = "",
+        order: fim.Order = "spm",
+        max_tokens: int = 128,
+        multiline: bool = True,
+        sampling: Sampling = Sampling(),
+        on_text: OnText | None = None,
+        deadline: float | None = None,
+    ) -> Completion:
+        """Fill in between `prefix` and `suffix`; `on_text` receives the completion as it firms up."""
+        prompt = fim.build_prompt(self.tokenize, prefix, suffix, self.ctx.n_ctx - max_tokens, order)
+        rules = fim.StopRules(prompt.prefix, prompt.suffix, multiline)
+        sent = [0]
+
+        def accept(piece: str) -> bool:
+            stop = rules.feed(piece)
+            if on_text:
+                safe = rules.safe()
+                if len(safe) > sent[0]:
+                    on_text(safe[sent[0]:])
+                    sent[0] = len(safe)
+            return stop
+
+        result = self.generate(prompt.tokens, max_tokens, sampling, accept, deadline=deadline)
+        result.text = rules.final()
+        if rules.stopped:
+            result.stop_reason = rules.stopped
+        if on_text and len(result.text) > sent[0]:
+            on_text(result.text[sent[0]:])
+        result.truncated = prompt.truncated
+        if prompt.truncated:
+            result.notes.append(
+                f"context full: kept the last {len(prompt.prefix)} chars of the prefix"
+                f"{' (cut)' if prompt.prefix_truncated else ''} and the first {len(prompt.suffix)} of the suffix"
+                f"{' (cut)' if prompt.suffix_truncated else ''}"
+            )
+        return result
+
+    def complete(self, text: str, max_tokens: int = 128, sampling: Sampling = Sampling(), on_text: OnText | None = None) -> Completion:
+        """Plain continuation of `text` (no BOS, special tokens not parsed)."""
+        out: list[str] = []
+
+        def accept(piece: str) -> bool:
+            out.append(piece)
+            if on_text and piece:
+                on_text(piece)
+            return False
+
+        ids = self.tokenize(text)
+        if len(ids) > self.ctx.n_ctx - 1:
+            raise RefactGGUFError(f"the prompt has {len(ids)} tokens; the context holds {self.ctx.n_ctx}", "raise --ctx")
+        result = self.generate(ids, max_tokens, sampling, accept)
+        result.text = "".join(out)
+        return result
+
+    def chat(self, messages: list[chat.Message], max_tokens: int = 512, sampling: Sampling = Sampling(temperature=0.2),
+             on_text: OnText | None = None) -> Completion:
+        """The assistant's reply in Refact's chat format; stops at the next <empty_output>."""
+        prompt = chat.build_prompt(self.tokenize, messages, self.ctx.n_ctx - max_tokens)
+        out: list[str] = []
+
+        def accept(piece: str) -> bool:
+            out.append(piece)
+            if on_text and piece:
+                on_text(piece)
+            return False
+
+        result = self.generate(prompt.tokens, max_tokens, sampling, accept, stop_ids=[chat.EMPTY_OUTPUT_ID])
+        result.text = "".join(out).strip()
+        if prompt.dropped:
+            result.truncated = True
+            result.notes.append(f"the conversation outgrew the context: dropped the {prompt.dropped} oldest message(s)")
+        return result
+
