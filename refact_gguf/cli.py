@@ -323,6 +323,46 @@ def quickstart(
 
 
 @app.command()
+def serve(
+    model: ModelRef = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port (llama.vim's default is 8012).")] = 8012,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="REFACT_GGUF_API_KEY", help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")] = None,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, max=64, help="Requests served at once (each slot has its own KV cache).")] = 1,
+    queue: Annotated[int, typer.Option("--queue", min=0, help="Requests that may wait for a slot; more get HTTP 503.")] = 16,
+    max_predict: Annotated[int, typer.Option("--max-predict", min=1, help="Largest n_predict / max_tokens accepted.")] = 1024,
+    cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", help="Allow browser calls from this origin (repeatable). Off by default.")] = None,
+    ctx_size: CtxSize = 4096,
+    gpu_layers: GpuLayers = "auto",
+    threads: Threads = None,
+    verbose: Verbose = False,
+) -> None:
+    """Serve completions over HTTP for IDE plugins: llama.cpp's /infill and OpenAI's APIs.
+
+    Endpoints: POST /infill (llama.vim, llama.vscode), POST /v1/completions (a suffix makes it
+    fill-in-the-middle), POST /v1/chat/completions, GET /v1/models, GET /health. The KV cache is
+    reused across requests, so each keystroke evaluates only what changed.
+
+    **Examples**
+
+        refact-gguf serve
+        refact-gguf serve -m Q4_K_M --port 8012 --parallel 2
+        refact-gguf serve --api-key secret --host 0.0.0.0
+    """
+    from .runtime import resolve_model
+    from .server import Limits
+    from .server import serve as run_server
+
+    show_llama_log(verbose)
+    path = resolve_model(model)
+    run_server(
+        path, host=host, port=port, api_key=api_key, parallel=parallel, n_ctx=ctx_size, threads=threads,
+        gpu_layers=gpu_layers, limits=Limits(max_predict=max_predict, max_queue=queue), cors_origins=cors_origin,
+        on_ready=lambda url: err.print(f"serving {path.name} on [bold]{url}[/] ({parallel} slot(s)); Ctrl-C stops"),
+    )
+
+
+@app.command()
 def pull(
     name: Annotated[Optional[str], typer.Argument(help="Quant name (case-insensitive), e.g. Q4_K_M. Default: what `recommend` picks here.")] = None,
     local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="Download into this directory instead of the HF cache.")] = None,

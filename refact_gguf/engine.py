@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from pathlib import Path
 
 import llama_cpp
@@ -22,6 +23,7 @@ class Model:
     """A loaded GGUF: vocabulary and weights. Close it (or use `with`) to free the memory."""
 
     def __init__(self, path: Path, n_gpu_layers: int = 0, vocab_only: bool = False):
+        self.ptr = None  # set before anything can fail: __del__ runs on half-built objects too
         self.path = Path(path)
         self.ptr = load_model(self.path, n_gpu_layers, vocab_only)
         self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
@@ -71,6 +73,7 @@ class Context:
     """An inference context (KV cache) on a Model."""
 
     def __init__(self, model: Model, n_ctx: int = 2048, n_batch: int = 512, threads: int | None = None):
+        self.ptr = None
         self.model = model
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -97,12 +100,15 @@ class Context:
             llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ptr), 0, n, -1)
             self.n_past = n
 
-    def decode(self, tokens: list[int], all_logits: bool = False) -> None:
-        """Append tokens to the cache; logits are computed for the last one (or all), not copied."""
+    def decode(self, tokens: list[int], all_logits: bool = False, deadline: float | None = None) -> int:
+        """Append tokens to the cache; logits are computed for the last one (or all), not copied.
+        Returns how many were decoded: all, unless `deadline` (perf_counter) passed between batches."""
         if self.n_past + len(tokens) > self.n_ctx:
             raise RefactGGUFError(f"{self.n_past + len(tokens)} tokens do not fit the context of {self.n_ctx}", "raise --ctx")
         b = self._batch
         for start in range(0, len(tokens), self.n_batch):
+            if deadline is not None and start and time.perf_counter() > deadline:
+                return start
             chunk = tokens[start : start + self.n_batch]
             last_chunk = start + self.n_batch >= len(tokens)
             b.n_tokens = len(chunk)
@@ -118,6 +124,7 @@ class Context:
             self.n_past += len(chunk)
             if all_logits:
                 self._all.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ptr), shape=(len(chunk), self.model.n_vocab)).copy())
+        return len(tokens)
 
     def eval(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
         """decode() and return a copy of the logits: of the last token [n_vocab] or all [n, n_vocab]."""

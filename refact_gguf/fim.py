@@ -66,24 +66,44 @@ def _fit(tokenize: Tokenize, text: str, budget: int, keep: Literal["head", "tail
     return kept, tokenize(kept), True
 
 
-def build_prompt(tokenize: Tokenize, prefix: str, suffix: str, budget: int, order: Order = "spm") -> FimPrompt:
+LINE_RESERVE = 64  # tokens kept free for the line being typed, so typing never moves the prefix cut
+
+
+def build_prompt(
+    tokenize: Tokenize,
+    prefix: str,
+    suffix: str,
+    budget: int,
+    order: Order = "spm",
+    line: str = "",
+    extra: list[int] | tuple[int, ...] = (),
+) -> FimPrompt:
     """Token ids of a FIM prompt within `budget` tokens (specials included). No BOS.
 
-    `tokenize` must not parse special tokens: source code containing "<fim_suffix>" stays text.
+    `line` is the text typed on the cursor's line (llama.vim's `prompt`): it follows the prefix
+    and is never cut, and the prefix and suffix budgets do not depend on it, so a keystroke
+    changes only the last tokens of an SPM prompt. `extra` (ids of other files' snippets) goes
+    first and gets what prefix and suffix leave. `tokenize` must not parse special tokens:
+    source code containing "<fim_suffix>" stays text.
     """
     if order not in ("spm", "psm"):
         raise ValueError(f"unknown FIM order {order!r}: use 'spm' or 'psm'")
-    room = max(0, budget - 3)
+    line_ids = tokenize(line) if line else []
+    room = max(0, budget - 3 - max(len(line_ids), LINE_RESERVE if line else 0))
     suffix_ids_full = tokenize(suffix)
     prefix_ids_full = tokenize(prefix)
     suffix_budget = min(len(suffix_ids_full), max(int(room * SUFFIX_SHARE), room - len(prefix_ids_full)))
     suffix_text, suffix_ids, suffix_cut = _fit(tokenize, suffix, suffix_budget, "head")
     prefix_text, prefix_ids, prefix_cut = _fit(tokenize, prefix, room - len(suffix_ids), "tail")
+    if line:
+        prefix_ids = tokenize(prefix_text + line)
+    spare = max(0, budget - 3 - len(prefix_ids) - len(suffix_ids))
+    extra_ids = list(extra[len(extra) - spare :]) if spare and extra else []
     if order == "spm":
-        tokens = [FIM_SUFFIX_ID, *suffix_ids, FIM_PREFIX_ID, *prefix_ids, FIM_MIDDLE_ID]
+        tokens = [*extra_ids, FIM_SUFFIX_ID, *suffix_ids, FIM_PREFIX_ID, *prefix_ids, FIM_MIDDLE_ID]
     else:
-        tokens = [FIM_PREFIX_ID, *prefix_ids, FIM_SUFFIX_ID, *suffix_ids, FIM_MIDDLE_ID]
-    return FimPrompt(tokens, prefix_text, suffix_text, prefix_cut, suffix_cut)
+        tokens = [*extra_ids, FIM_PREFIX_ID, *prefix_ids, FIM_SUFFIX_ID, *suffix_ids, FIM_MIDDLE_ID]
+    return FimPrompt(tokens, prefix_text + line, suffix_text, prefix_cut, suffix_cut)
 
 
 # ---------------------------------------------------------------------------------- stop rules
@@ -101,14 +121,17 @@ class StopRules:
     - single-line mode: the first newline;
     - multi-line mode: a blank line;
     - a line that dedents below the cursor's block;
-    - a line that repeats the suffix's first non-empty line (the model re-typing what follows).
+    - a line that repeats the suffix's first non-empty line (the model re-typing what follows);
+    - any of the caller's stop strings.
     `final()` is the completion; `safe()` the part that no later rule can cut (whole lines).
     An empty completion is a valid answer.
     """
 
-    def __init__(self, prefix: str, suffix: str, multiline: bool = True):
+    def __init__(self, prefix: str, suffix: str, multiline: bool = True, indent: int | None = None,
+                 stop: tuple[str, ...] = ()):
         self.cursor_line = prefix.rsplit("\n", 1)[-1]
-        self.block_indent = _indent(self.cursor_line)
+        self.block_indent = _indent(self.cursor_line) if indent is None else indent
+        self.stop_strings = tuple(s for s in stop if s)
         self.suffix_line = next((ln.strip() for ln in suffix.splitlines() if ln.strip()), None)
         self.multiline = multiline
         self.text = ""
@@ -125,6 +148,9 @@ class StopRules:
         return self.stopped is not None
 
     def _cut(self, text: str) -> tuple[int, str] | None:
+        hits = [text.find(s) for s in self.stop_strings if s in text]
+        if hits:
+            return min(hits), "stop string"
         if not self.multiline and "\n" in text:
             return text.index("\n"), "newline"
         blank = _BLANK_LINE.search(text)

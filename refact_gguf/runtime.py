@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,9 +90,15 @@ def gpu_layers(setting: str | int, model_path: Path) -> int:
 
 
 class Runtime:
-    def __init__(self, model_path: Path, n_ctx: int = 4096, n_gpu_layers: str | int = 0, threads: int | None = None):
-        self.path = Path(model_path)
-        self.model = Model(self.path, gpu_layers(n_gpu_layers, self.path))
+    """One inference slot: a context on a model. Pass a path to load (and own) the model, or a
+    loaded `Model` to share it between slots (the server's --parallel)."""
+
+    def __init__(self, model: Path | Model, n_ctx: int = 4096, n_gpu_layers: str | int = 0, threads: int | None = None):
+        self._owns_model = not isinstance(model, Model)
+        if self._owns_model:
+            model = Model(Path(model), gpu_layers(n_gpu_layers, Path(model)))
+        self.model = model
+        self.path = model.path
         self.ctx = Context(self.model, n_ctx=n_ctx, threads=threads)
         self.cached: list[int] = []  # tokens the KV cache holds, in order
         self._sampler = None
@@ -102,7 +109,8 @@ class Runtime:
             llama_cpp.llama_sampler_free(self._sampler)
             self._sampler = None
         self.ctx.close()
-        self.model.close()
+        if self._owns_model:
+            self.model.close()
 
     def __enter__(self) -> Runtime:
         return self
@@ -132,19 +140,24 @@ class Runtime:
         self._sampler, self._sampling = chain, s
         return chain
 
-    def prefill(self, prompt: list[int]) -> tuple[int, int]:
-        """Bring the KV cache to `prompt`, reusing the longest common prefix. (cached, evaluated)."""
-        common = 0
+    def common_prefix(self, prompt: list[int]) -> int:
+        """How many leading tokens of `prompt` the KV cache already holds."""
+        n = 0
         for a, b in zip(self.cached, prompt):
             if a != b:
                 break
-            common += 1
-        common = min(common, len(prompt) - 1)  # the last prompt token is evaluated for its logits
+            n += 1
+        return n
+
+    def prefill(self, prompt: list[int], deadline: float | None = None) -> tuple[int, int]:
+        """Bring the KV cache to `prompt`, reusing the longest common prefix. (cached, evaluated).
+        With a deadline, stops between batches once it has passed (the cache then holds less)."""
+        common = min(self.common_prefix(prompt), len(prompt) - 1)  # the last token is evaluated for its logits
         self.ctx.keep(common)
         self.cached = self.cached[:common]
-        self.ctx.decode(prompt[common:])
-        self.cached = list(prompt)
-        return common, len(prompt) - common
+        done = self.ctx.decode(prompt[common:], deadline=deadline)
+        self.cached = list(prompt[: common + done])
+        return common, done
 
     def generate(
         self,
@@ -154,15 +167,20 @@ class Runtime:
         accept: Callable[[str], bool] = lambda text: False,
         stop_ids: Iterable[int] = (),
         deadline: float | None = None,
+        prompt_deadline: float | None = None,
+        cancel: threading.Event | None = None,
     ) -> Completion:
-        """Prefill, then sample until an end token, `max_tokens`, `accept(text) → True`, or the deadline."""
+        """Prefill, then sample until an end token, `max_tokens`, `accept(text) → True`, the
+        deadline, or `cancel` (a client that went away)."""
         if not prompt:
             raise RefactGGUFError("empty prompt")
         if len(prompt) + max_tokens > self.ctx.n_ctx:
             max_tokens = max(0, self.ctx.n_ctx - len(prompt))
         t0 = time.perf_counter()
-        cached, evaluated = self.prefill(prompt)
+        cached, evaluated = self.prefill(prompt, prompt_deadline)
         t1 = time.perf_counter()
+        if len(self.cached) < len(prompt):  # the prompt deadline passed mid-prefill
+            return Completion("", "time", len(prompt), cached, evaluated, 0, (t1 - t0) * 1e3, 0.0)
         smpl = self._sampler_for(sampling)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stop_ids = set(stop_ids)
@@ -185,6 +203,9 @@ class Runtime:
             if deadline is not None and time.perf_counter() > deadline:
                 reason = "time"
                 break
+            if cancel is not None and cancel.is_set():
+                reason = "cancelled"
+                break
             self.ctx.decode([tok])
             self.cached.append(tok)
         accept(decoder.decode(b"", final=True))
@@ -203,10 +224,17 @@ class Runtime:
         sampling: Sampling = Sampling(),
         on_text: OnText | None = None,
         deadline: float | None = None,
+        line: str = "",
+        extra: list[int] | tuple[int, ...] = (),
+        indent: int | None = None,
+        stop: tuple[str, ...] = (),
+        prompt_deadline: float | None = None,
+        cancel: threading.Event | None = None,
     ) -> Completion:
-        """Fill in between `prefix` and `suffix`; `on_text` receives the completion as it firms up."""
-        prompt = fim.build_prompt(self.tokenize, prefix, suffix, self.ctx.n_ctx - max_tokens, order)
-        rules = fim.StopRules(prompt.prefix, prompt.suffix, multiline)
+        """Fill in between `prefix` (+ `line`, the text typed on the cursor's line) and `suffix`;
+        `on_text` receives the completion as it firms up. See fim.build_prompt for `extra`."""
+        prompt = fim.build_prompt(self.tokenize, prefix, suffix, self.ctx.n_ctx - max_tokens, order, line, extra)
+        rules = fim.StopRules(prompt.prefix, prompt.suffix, multiline, indent, stop)
         sent = [0]
 
         def accept(piece: str) -> bool:
@@ -218,7 +246,8 @@ class Runtime:
                     sent[0] = len(safe)
             return stop
 
-        result = self.generate(prompt.tokens, max_tokens, sampling, accept, deadline=deadline)
+        result = self.generate(prompt.tokens, max_tokens, sampling, accept, deadline=deadline,
+                               prompt_deadline=prompt_deadline, cancel=cancel)
         result.text = rules.final()
         if rules.stopped:
             result.stop_reason = rules.stopped
@@ -233,39 +262,61 @@ class Runtime:
             )
         return result
 
-    def complete(self, text: str, max_tokens: int = 128, sampling: Sampling = Sampling(), on_text: OnText | None = None) -> Completion:
+    def complete(self, text: str, max_tokens: int = 128, sampling: Sampling = Sampling(), on_text: OnText | None = None,
+                 stop: tuple[str, ...] = (), cancel: threading.Event | None = None) -> Completion:
         """Plain continuation of `text` (no BOS, special tokens not parsed)."""
-        out: list[str] = []
-
-        def accept(piece: str) -> bool:
-            out.append(piece)
-            if on_text and piece:
-                on_text(piece)
-            return False
-
         ids = self.tokenize(text)
         if len(ids) > self.ctx.n_ctx - 1:
             raise RefactGGUFError(f"the prompt has {len(ids)} tokens; the context holds {self.ctx.n_ctx}", "raise --ctx")
-        result = self.generate(ids, max_tokens, sampling, accept)
-        result.text = "".join(out)
-        return result
+        collector = _Collector(stop, on_text)
+        result = self.generate(ids, max_tokens, sampling, collector.feed, cancel=cancel)
+        return collector.finish(result)
 
     def chat(self, messages: list[chat.Message], max_tokens: int = 512, sampling: Sampling = Sampling(temperature=0.2),
-             on_text: OnText | None = None) -> Completion:
+             on_text: OnText | None = None, stop: tuple[str, ...] = (), cancel: threading.Event | None = None) -> Completion:
         """The assistant's reply in Refact's chat format; stops at the next <empty_output>."""
         prompt = chat.build_prompt(self.tokenize, messages, self.ctx.n_ctx - max_tokens)
-        out: list[str] = []
-
-        def accept(piece: str) -> bool:
-            out.append(piece)
-            if on_text and piece:
-                on_text(piece)
-            return False
-
-        result = self.generate(prompt.tokens, max_tokens, sampling, accept, stop_ids=[chat.EMPTY_OUTPUT_ID])
-        result.text = "".join(out).strip()
+        collector = _Collector(stop, on_text, strip_leading=True)
+        result = self.generate(prompt.tokens, max_tokens, sampling, collector.feed, stop_ids=[chat.EMPTY_OUTPUT_ID], cancel=cancel)
+        result = collector.finish(result)
+        result.text = result.text.rstrip()
         if prompt.dropped:
             result.truncated = True
             result.notes.append(f"the conversation outgrew the context: dropped the {prompt.dropped} oldest message(s)")
         return result
 
+
+class _Collector:
+    """Collects generated text, cuts at the first stop string, and streams only text that a stop
+    string arriving later cannot take back."""
+
+    def __init__(self, stop: tuple[str, ...], on_text: OnText | None, strip_leading: bool = False):
+        self.stop = tuple(s for s in stop if s)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.on_text = on_text
+        self.strip_leading = strip_leading  # chat replies start after "ASSISTANT" with a space
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def feed(self, piece: str) -> bool:
+        if self.stopped:
+            return True
+        self.text += piece
+        if self.strip_leading:
+            self.text = self.text.lstrip()
+        hits = [self.text.find(s) for s in self.stop if s in self.text]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+        self._emit(len(self.text) if self.stopped else len(self.text) - self.hold)
+        return self.stopped
+
+    def _emit(self, upto: int) -> None:
+        if self.on_text and upto > self.sent:
+            self.on_text(self.text[self.sent : upto])
+            self.sent = upto
+
+    def finish(self, result: Completion) -> Completion:
+        self._emit(len(self.text))
+        result.text = self.text
+        if self.stopped:
+            result.stop_reason = "stop string"
+        return result

@@ -77,3 +77,9 @@ def sample_tokens(converted_f32) -> list[int]:
 def all_quants(hf_fused, tmp_path_factory):
     """`convert --outtype f32 --quant all`: the 22 files of the table."""
     return convert(hf_fused, tmp_path_factory.mktemp("all"), "f32", catalog.load().select("all"))
+
+
+@pytest.fixture(scope="session")
+def q4_model(hf_fused, tmp_path_factory) -> Path:
+    """A quantized K-quant (the kind that crashes AMX builds), loaded through our loader."""
+    return convert(hf_fused, tmp_path_factory.mktemp("q4"), "f16", catalog.load().select("Q4_K_M")).quants["Q4_K_M"]

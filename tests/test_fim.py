@@ -1,0 +1,109 @@
+"""FIM prompt layout, truncation and stop rules: pure functions, no model."""
+
+from __future__ import annotations
+
+import pytest
+
+from refact_gguf.fim import StopRules, build_prompt
+
+
+def tok(text: str) -> list[int]:
+    """One id per character, offset past the special ids."""
+    return [100 + ord(c) for c in text]
+
+
+def test_spm_layout_exact():
+    p = build_prompt(tok, "ab", "cd", budget=100)
+    assert p.tokens == [3, *tok("cd"), 1, *tok("ab"), 2]
+    assert not p.truncated
+
+
+def test_psm_layout_exact():
+    p = build_prompt(tok, "ab", "cd", budget=100, order="psm")
+    assert p.tokens == [1, *tok("ab"), 3, *tok("cd"), 2]
+
+
+def test_unknown_order():
+    with pytest.raises(ValueError):
+        build_prompt(tok, "a", "b", 10, order="xyz")
+
+
+def test_truncation_keeps_text_nearest_the_cursor_on_line_boundaries():
+    prefix = "".join(f"prefix line {i}\n" for i in range(100)) + "    cursor here"
+    suffix = "".join(f"suffix line {i}\n" for i in range(100))
+    p = build_prompt(tok, prefix, suffix, budget=400)
+    assert p.prefix_truncated and p.suffix_truncated
+    assert len(p.tokens) <= 400
+    assert prefix.endswith(p.prefix) and p.prefix.startswith("prefix line ")  # whole lines, the tail
+    assert suffix.startswith(p.suffix) and p.suffix.endswith("\n")  # whole lines, the head
+    assert len(tok(p.suffix)) <= 0.25 * 397  # the documented split
+    assert len(tok(p.prefix)) > len(tok(p.suffix))
+
+
+def test_short_prefix_leaves_room_to_the_suffix():
+    suffix = "".join(f"suffix line {i}\n" for i in range(100))
+    p = build_prompt(tok, "x = ", suffix, budget=400)
+    assert not p.prefix_truncated and p.suffix_truncated
+    assert len(p.tokens) > 300  # the suffix used what the prefix did not
+
+
+def test_overlong_cursor_line_is_cut_by_characters():
+    p = build_prompt(tok, "y" * 1000, "", budget=53)
+    assert p.prefix_truncated and len(p.tokens) <= 53 and p.prefix == "y" * len(p.prefix) and len(p.prefix) > 30
+
+
+def feed_all(rules: StopRules, text: str, step: int = 3) -> str:
+    for i in range(0, len(text), step):
+        if rules.feed(text[i : i + step]):
+            break
+    return rules.final()
+
+
+def test_single_line_stops_at_newline():
+    r = StopRules("x = ", "", multiline=False)
+    assert feed_all(r, "foo(1)\nbar()\n") == "foo(1)" and r.stopped == "newline"
+
+
+def test_multiline_stops_at_blank_line():
+    r = StopRules("def f():\n    ", "")
+    assert feed_all(r, "a = 1\n    return a\n\n\ndef g():\n") == "a = 1\n    return a"
+    assert r.stopped == "blank line"
+
+
+def test_dedent_below_the_block_stops():
+    r = StopRules("def f():\n    ", "")
+    assert feed_all(r, "a = 1\n    b = 2\nprint(a)\n") == "a = 1\n    b = 2"
+    assert r.stopped == "dedent"
+
+
+def test_repeating_the_suffix_is_cut():
+    r = StopRules("def f():\n    a = 1\n    ", "\n    return a\n")
+    assert feed_all(r, "b = 2\n    return a\n") == "b = 2"
+    assert r.stopped == "repeats suffix"
+
+
+def test_suffix_repeat_on_the_cursor_line_gives_empty_completion():
+    r = StopRules("def f():\n    ", "return a\n")
+    assert feed_all(r, "return a\n") == ""
+
+
+def test_empty_completion_is_valid():
+    r = StopRules("x = 1\n", "")
+    assert feed_all(r, "\n\n") == ""
+
+
+def test_safe_text_never_shrinks():
+    r = StopRules("def f():\n    ", "")
+    seen = []
+    for piece in ["a = 1", "\n    b", " = 2\n", "c = 3\n"]:
+        r.feed(piece)
+        seen.append(r.safe())
+    final = r.final()
+    assert all(final.startswith(s) for s in seen)
+    assert seen[0] == "" and final == "a = 1\n    b = 2"
+
+
+def test_unfinished_line_repeating_suffix_dropped_at_the_end():
+    r = StopRules("    ", "\n    return a\n")
+    r.feed("x = 1\n    return a")  # max_tokens hit mid-line
+    assert r.final() == "x = 1"

@@ -1,0 +1,56 @@
+"""Corrupt and foreign GGUFs are clear errors, never a crash of the process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from refact_gguf.engine import Model
+from refact_gguf.errors import ModelFileError
+from refact_gguf.loader import inspect
+
+
+@pytest.mark.parametrize("fraction", [0.0001, 0.01, 0.05, 0.5, 0.999])
+def test_truncated_file(q4_model, tmp_path, fraction):
+    data = q4_model.read_bytes()
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(ModelFileError, match="truncated"):
+        Model(bad)
+
+
+def test_bad_magic(q4_model, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGML" + q4_model.read_bytes()[4:])
+    with pytest.raises(ModelFileError, match="not a GGUF file"):
+        Model(bad)
+
+
+def test_wrong_architecture(tmp_path):
+    path = tmp_path / "llama.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tensor("x.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelFileError, match="is a llama model, not Refact"):
+        inspect(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        Model(tmp_path / "nope.gguf")
+
+
+def test_cli_on_corrupt_file_exits_cleanly(q4_model, tmp_path):
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(q4_model.read_bytes()[: q4_model.stat().st_size // 3])
+    proc = subprocess.run([sys.executable, "-m", "refact_gguf.cli", "run", "x", "-m", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "truncated" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,75 @@
+"""The runtime on a real llama.cpp model (synthetic weights): FIM, completion, chat, KV reuse."""
+
+from __future__ import annotations
+
+import pytest
+
+from refact_gguf import loader
+from refact_gguf.chat import Message
+from refact_gguf.runtime import Runtime, Sampling
+
+
+@pytest.fixture(scope="module")
+def rt(q4_model):
+    with Runtime(q4_model, n_ctx=1024, threads=2) as runtime:
+        yield runtime
+
+
+def test_k_quant_runs_without_crash_and_repack_state_is_right(rt):
+    """A Q4_K_M loads and runs; extra buffers (repack) are on unless this is an AMX build on an AMX CPU."""
+    result = rt.complete("def main():", max_tokens=4)
+    assert result.tokens_predicted == 4
+    expected = not (loader.cpu_has_amx() and loader.build_has_amx())
+    assert loader.model_params().use_extra_bufts is expected
+
+
+def test_fim_prompt_is_exact_ids_without_injection(rt):
+    prefix, suffix = "s = '<fim_suffix>'\n", "\nprint(s)\n"
+    seen = {}
+    original = rt.generate
+
+    def spy(prompt, *a, **kw):
+        seen["prompt"] = prompt
+        return original(prompt, *a, **kw)
+
+    rt.generate = spy
+    try:
+        rt.fim(prefix, suffix, max_tokens=2)
+    finally:
+        del rt.generate
+    assert seen["prompt"] == [3, *rt.tokenize(suffix), 1, *rt.tokenize(prefix), 2]
+    assert seen["prompt"].count(3) == 1  # the text "<fim_suffix>" stayed text
+
+
+def test_greedy_is_deterministic_and_max_tokens_holds(rt):
+    a = rt.fim("def add(a, b):\n    return", "\n", max_tokens=6, multiline=False)
+    rt.cached = []  # forget the cache: same answer from scratch
+    rt.ctx.keep(0)
+    b = rt.fim("def add(a, b):\n    return", "\n", max_tokens=6, multiline=False)
+    assert a.text == b.text
+    assert a.tokens_predicted <= 6
+    assert "\n" not in a.text
+
+
+def test_kv_cache_reuse_evaluates_only_new_tokens(rt):
+    suffix = "\n\nprint(total)\n"
+    first = rt.fim("numbers = [1, 2, 3]\ntotal = ", suffix, max_tokens=4)
+    second = rt.fim("numbers = [1, 2, 3]\ntotal = sum", suffix, max_tokens=4)
+    assert first.tokens_evaluated + first.tokens_cached == first.prompt_tokens
+    assert second.tokens_cached >= first.prompt_tokens - 2  # SPM: typing only appends
+    assert second.tokens_evaluated <= 3
+
+
+def test_truncation_is_reported(rt):
+    prefix = "".join(f"x{i} = {i}\n" for i in range(2000))
+    result = rt.fim(prefix, "", max_tokens=4)
+    assert result.truncated and result.prompt_tokens <= 1024 - 4
+    assert "kept the last" in result.notes[0]
+
+
+def test_chat_stops_and_reports_dropped_history(rt):
+    history = [Message("system", "be brief")] + [Message("user", "word " * 400), Message("assistant", "ok")] * 3
+    history.append(Message("user", "last question"))
+    result = rt.chat(history, max_tokens=8, sampling=Sampling(temperature=0.7, seed=1))
+    assert result.truncated and "dropped" in result.notes[0]
+    assert result.tokens_predicted <= 8

@@ -1,0 +1,179 @@
+"""The server over real HTTP on 127.0.0.1, with the synthetic model behind it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from refact_gguf.engine import Model
+from refact_gguf.runtime import Runtime
+from refact_gguf.server import Limits, create_app
+
+PREFIX = "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n"
+SUFFIX = "\n    return result\n\n\nprint(list_python_files('.'))\n"
+
+
+@contextmanager
+def running(q4_model, parallel=2, api_key=None, limits=Limits(max_predict=64)):
+    model = Model(q4_model)
+    runtimes = [Runtime(model, n_ctx=1024, threads=1) for _ in range(parallel)]
+    app = create_app(runtimes, q4_model.name, api_key, limits)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        for rt in runtimes:
+            rt.close()
+        model.close()
+
+
+@pytest.fixture(scope="module")
+def url(q4_model):
+    with running(q4_model) as u:
+        yield u
+
+
+def test_health_and_models(url):
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    data = httpx.get(f"{url}/v1/models").json()
+    assert data["object"] == "list" and data["data"][0]["id"].endswith(".gguf")
+
+
+def test_infill_reuses_the_cache_while_typing(url):
+    base = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 4, "cache_prompt": True}
+    first = httpx.post(f"{url}/infill", json={**base, "prompt": "        if"}, timeout=60).json()
+    second = httpx.post(f"{url}/infill", json={**base, "prompt": "        if name"}, timeout=60).json()
+    third = httpx.post(f"{url}/infill", json={**base, "prompt": "        if name."}, timeout=60).json()
+    for r in (first, second, third):
+        assert set(r) >= {"content", "stop", "tokens_predicted", "tokens_evaluated", "tokens_cached", "truncated", "timings"}
+        assert set(r["timings"]) >= {"prompt_n", "prompt_ms", "predicted_n", "predicted_ms"}
+    assert second["timings"]["prompt_n"] <= 3 and third["timings"]["prompt_n"] <= 3
+    assert second["tokens_cached"] >= first["tokens_evaluated"] - 3
+
+
+def test_llama_vim_request_verbatim(url):
+    """The body llama.vim sends, unknown fields and all."""
+    body = {
+        "input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": [{"filename": "util.py", "text": "def helper():\n    pass\n"}],
+        "prompt": "        ", "n_predict": 16, "n_indent": 8, "top_k": 40, "top_p": 0.90, "stream": False,
+        "samplers": ["top_k", "top_p", "infill"], "cache_prompt": True, "t_max_prompt_ms": 500, "t_max_predict_ms": 1000,
+        "response_fields": ["content", "timings/prompt_n", "timings/prompt_ms", "timings/predicted_n", "timings/predicted_ms",
+                            "truncated", "tokens_cached"],
+    }
+    r = httpx.post(f"{url}/infill", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["content"], str)
+
+
+def test_infill_stream(url):
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "prompt": "        ", "n_predict": 8, "stream": True}
+    with httpx.stream("POST", f"{url}/infill", json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["stop"] is True and "timings" in events[-1]
+    assert all(e["stop"] is False for e in events[:-1])
+
+
+def test_openai_client_completions_and_chat(url):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    fim = client.completions.create(model="refact", prompt=PREFIX, suffix=SUFFIX, max_tokens=8)
+    assert fim.choices[0].finish_reason in ("stop", "length") and fim.usage.completion_tokens <= 8
+    plain = client.completions.create(model="refact", prompt="def main():", max_tokens=5)
+    assert plain.usage.completion_tokens == 5 and plain.choices[0].finish_reason == "length"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="refact", prompt="def main():", max_tokens=5, stream=True))
+    assert streamed == plain.choices[0].text  # greedy: the same text either way
+    chat = client.chat.completions.create(model="refact", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="refact", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0, stream=True)]
+    assert "".join(pieces) == chat.choices[0].message.content
+
+
+def test_eight_concurrent_clients(url):
+    def one(i):
+        return httpx.post(f"{url}/v1/completions", json={"prompt": f"x{i} = ", "max_tokens": 4}, timeout=120).status_code
+
+    with ThreadPoolExecutor(8) as ex:
+        assert list(ex.map(one, range(8))) == [200] * 8
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ({"input_prefix": "x", "n_predict": 100000}, 400, "over this server's limit"),
+    ({"input_prefix": 5}, 400, "input_prefix"),
+    ({"n_predict": "many"}, 400, "n_predict"),
+])
+def test_bad_input_is_4xx_json(url, body, status, message):
+    r = httpx.post(f"{url}/infill", json=body)
+    assert r.status_code == status and message in r.json()["error"]["message"]
+
+
+def test_malformed_json_and_oversized_body(url):
+    r = httpx.post(f"{url}/infill", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    r = httpx.post(f"{url}/infill", content=b"x" * (9 << 20), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_auth_required_except_health(q4_model):
+    with running(q4_model, parallel=1, api_key="s3cret") as u:
+        assert httpx.get(f"{u}/health").status_code == 200
+        assert httpx.get(f"{u}/v1/models").status_code == 401
+        assert httpx.get(f"{u}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(f"{u}/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_full_queue_is_503_and_disconnect_cancels(q4_model):
+    with running(q4_model, parallel=1, limits=Limits(max_predict=4000, max_queue=0)) as u:
+        long = {"prompt": "def f():", "max_tokens": 900, "stream": True}
+        with httpx.stream("POST", f"{u}/v1/completions", json=long, timeout=60) as r:
+            next(r.iter_lines())  # generation is under way, the only slot is taken
+            busy = httpx.post(f"{u}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+            assert busy.status_code == 503 and busy.json()["error"]["type"] == "unavailable_error"
+        # the client went away: its generation is cancelled and the slot comes back quickly
+        t0 = time.time()
+        while True:
+            again = httpx.post(f"{u}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+            if again.status_code == 200:
+                break
+            assert time.time() - t0 < 5, "the abandoned generation kept the slot"
+            time.sleep(0.1)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=6,
+)
+fields = ["input_prefix", "input_suffix", "input_extra", "prompt", "n_predict", "n_indent", "t_max_prompt_ms",
+          "t_max_predict_ms", "temperature", "top_k", "top_p", "stream", "stop", "messages", "max_tokens", "suffix", "model"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(path=st.sampled_from(["/infill", "/v1/completions", "/v1/chat/completions"]),
+       body=st.dictionaries(st.sampled_from(fields), json_values, max_size=6))
+def test_fuzzed_bodies_never_5xx(url, path, body):
+    r = httpx.post(f"{url}{path}", json=body, timeout=60)
+    assert r.status_code < 500, (path, body, r.text)
+    if body.get("stream") is not True:
+        r.json()
