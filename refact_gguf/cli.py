@@ -362,6 +362,112 @@ def serve(
     )
 
 
+QuantDir = Annotated[Optional[Path], typer.Option("--dir", help="Find --quant files in this directory (e.g. convert's output) instead of the HF cache.")]
+
+
+def _models(model: Optional[str], quant: Optional[str], directory: Optional[Path]) -> list[Path]:
+    from .catalog import load
+    from .runtime import resolve_model
+
+    if quant is None:
+        return [resolve_model(model)]
+    cat = load()
+    quants = cat.select(quant)
+    if directory is None:
+        return [resolve_model(q.name) for q in quants]
+    paths = [directory / q.filename(cat.model) for q in quants]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing and quant.strip().lower() == "all":
+        return [p for p in paths if p.is_file()]
+    if missing:
+        raise RefactGGUFError(f"not in {directory}: {', '.join(missing)}", "convert them first, or choose other --quant")
+    return paths
+
+
+@app.command()
+def bench(
+    model: ModelRef = None,
+    quant: QuantList = None,
+    directory: QuantDir = None,
+    threads: Threads = None,
+    gpu_layers: Annotated[str, typer.Option("--gpu-layers", help="Layers on the GPU: a number or 'auto'.")] = "0",
+    n_prompt: Annotated[int, typer.Option("--n-prompt", "-p", min=1, help="Prompt tokens of the pp test.")] = 512,
+    n_gen: Annotated[int, typer.Option("--n-gen", min=1, help="Tokens of the tg test.")] = 128,
+    reps: Annotated[int, typer.Option("--reps", "-r", min=1, help="Repetitions (after one warm-up).")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Measure speed like llama-bench: load time, pp512 and tg128 tokens/s (mean ± stdev), peak RSS.
+
+    **Examples**
+
+        refact-gguf bench -m Q4_K_M
+        refact-gguf bench --quant Q4_K_M,Q8_0 --dir out -t 2
+        refact-gguf bench -m model.gguf --gpu-layers auto --json
+    """
+    import json
+
+    from rich.table import Table
+
+    from .bench import bench as run_bench
+
+    results = []
+    for path in _models(model, quant, directory):
+        err.print(f"[dim]bench {path.name}…[/]")
+        results.append(run_bench(path, threads, gpu_layers, n_prompt, n_gen, reps))
+    if as_json:
+        out.print_json(json.dumps([r.as_dict() for r in results]))
+        return
+    table = Table(title=f"pp{n_prompt} / tg{n_gen}, {reps} reps")
+    for col in ("model", "GiB", "threads", "gpu layers", "repack", "load s", f"pp{n_prompt} t/s", f"tg{n_gen} t/s", "peak RSS MB"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in results:
+        table.add_row(r.model, f"{r.size_bytes / 2**30:.2f}", str(r.threads), str(r.gpu_layers), "on" if r.repack else "off",
+                      f"{r.load_s:.2f}", f"{r.pp_tps:.1f} ± {r.pp_std:.1f}", f"{r.tg_tps:.2f} ± {r.tg_std:.2f}", f"{r.peak_rss_mb:.0f}")
+    out.print(table)
+
+
+@app.command("eval")
+def evaluate(
+    quant: QuantList = "all",
+    directory: QuantDir = None,
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="The f32 or f16 GGUF to compare with (default: Refact-1_6B-fim.F32/F16.gguf in --dir).")] = None,
+    corpus: Annotated[Optional[Path], typer.Option("--corpus", help="Directory of source code (default: a sample of Python's standard library).")] = None,
+    chunks: Annotated[int, typer.Option("--chunks", min=1, help="512-token chunks to score.")] = 4,
+    fim_tasks: Annotated[int, typer.Option("--fim-tasks", min=0, help="Single-line infill tasks.")] = 10,
+    threads: Threads = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Quantization quality on code: KL divergence, top-1 agreement, Δ cross-entropy, FIM exact match.
+
+    **Examples**
+
+        refact-gguf eval --dir out                       # every quant in out/ against out/Refact-1_6B-fim.F32.gguf
+        refact-gguf eval --quant Q4_K_M,Q8_0 --dir out --reference out/Refact-1_6B-fim.F16.gguf
+        refact-gguf eval --dir out --corpus ~/src/myproject --json
+    """
+    import json
+
+    from rich.table import Table
+
+    from .evaluate import evaluate as run_eval
+
+    if reference is None:
+        base = directory or Path(".")
+        reference = next((base / f"Refact-1_6B-fim.{t}.gguf" for t in ("F32", "F16") if (base / f"Refact-1_6B-fim.{t}.gguf").is_file()), None)
+        if reference is None:
+            raise RefactGGUFError(f"no Refact-1_6B-fim.F32.gguf or .F16.gguf in {base}", "pass --reference, or convert with --outtype f32")
+    results = run_eval(reference, _models(None, quant, directory), corpus, chunks, n_fim=fim_tasks, threads=threads, progress=RichProgress())
+    if as_json:
+        out.print_json(json.dumps([r.as_dict() for r in results]))
+        return
+    table = Table(title=f"quality vs {reference.name} ({results[0].n_tokens if results else 0} tokens, {fim_tasks} FIM tasks)")
+    for col in ("model", "mean KL", "top-1 agree", "Δ CE nats", "FIM exact"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in results:
+        table.add_row(r.model, f"{r.mean_kl:.5f}", f"{r.top1_agreement:.1%}", f"{r.delta_ce:+.4f}", f"{r.fim_exact:.0%}")
+    out.print(table)
+
+
 @app.command()
 def pull(
     name: Annotated[Optional[str], typer.Argument(help="Quant name (case-insensitive), e.g. Q4_K_M. Default: what `recommend` picks here.")] = None,

@@ -126,6 +126,23 @@ class Context:
                 self._all.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ptr), shape=(len(chunk), self.model.n_vocab)).copy())
         return len(tokens)
 
+    def decode_one(self, token: int) -> None:
+        """The generation step: one token at the next position, logits on. Only the two fields
+        that change are written, so the per-token cost in Python stays a few microseconds."""
+        b = self._batch
+        if b.n_tokens != 1 or not b.logits[0]:
+            b.n_tokens, b.n_seq_id[0], b.seq_id[0][0], b.logits[0] = 1, 1, 0, True
+        b.token[0] = token
+        b.pos[0] = self.n_past
+        status = llama_cpp.llama_decode(self.ptr, b)
+        if status != 0:
+            raise RefactGGUFError(f"llama.cpp failed to decode a token (llama_decode returned {status})")
+        self.n_past += 1
+
+    def synchronize(self) -> None:
+        """Wait for queued GPU work (a no-op on the CPU): timings must include it."""
+        llama_cpp.llama_synchronize(self.ptr)
+
     def eval(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
         """decode() and return a copy of the logits: of the last token [n_vocab] or all [n, n_vocab]."""
         self._all = []

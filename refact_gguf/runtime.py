@@ -206,7 +206,7 @@ class Runtime:
             if cancel is not None and cancel.is_set():
                 reason = "cancelled"
                 break
-            self.ctx.decode([tok])
+            self.ctx.decode_one(tok)
             self.cached.append(tok)
         accept(decoder.decode(b"", final=True))
         t2 = time.perf_counter()

@@ -191,16 +191,7 @@ def create_app(runtimes: list[Runtime], model_name: str, api_key: str | None = N
     async def _library(request, e: RefactGGUFError):
         return error(400, str(e))
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error(401, "invalid or missing API key", "authentication_error")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            return error(413, f"request body over {limits.max_body_bytes} bytes")
-        return await call_next(request)
+    app.add_middleware(_Guard, api_key=api_key, max_body=limits.max_body_bytes, error=error)
 
     # ---------------------------------------------------------------- helpers
 
@@ -228,12 +219,11 @@ def create_app(runtimes: list[Runtime], model_name: str, api_key: str | None = N
             try:
                 task = asyncio.ensure_future(asyncio.to_thread(
                     work, rt, cancel, lambda text: loop.call_soon_threadsafe(queue.put_nowait, text)))
+                # A client that goes away makes Starlette close this generator: `finally` cancels.
                 while not (task.done() and queue.empty()):
                     try:
                         text = await asyncio.wait_for(queue.get(), timeout=0.05)
                     except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            cancel.set()
                         continue
                     yield f"data: {json.dumps(chunk(text))}\n\n"
                 for event in final(task.result()):
@@ -384,6 +374,29 @@ def create_app(runtimes: list[Runtime], model_name: str, api_key: str | None = N
                         "chat.completion", {"usage": usage(c)})
 
     return app
+
+
+class _Guard:
+    """API key and body size, checked before anything is read. A plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware would tell a streaming response that its client had disconnected."""
+
+    def __init__(self, app, api_key: str | None, max_body: int, error: Callable[..., JSONResponse]):
+        self.app, self.api_key, self.max_body, self.error = app, api_key, max_body, error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            response = None
+            if self.api_key is not None and scope["path"] != "/health":
+                given = headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                    response = self.error(401, "invalid or missing API key", "authentication_error")
+            length = headers.get("content-length")
+            if response is None and length is not None and (not length.isdigit() or int(length) > self.max_body):
+                response = self.error(413, f"request body over {self.max_body} bytes")
+            if response is not None:
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def _fim_key(tokenize, suffix: str, prefix: str) -> Callable[[Runtime], int]:

@@ -16,17 +16,32 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refact_gguf.engine import Model
-from refact_gguf.runtime import Runtime
+from refact_gguf.runtime import Runtime, Sampling
 from refact_gguf.server import Limits, create_app
 
 PREFIX = "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n"
 SUFFIX = "\n    return result\n\n\nprint(list_python_files('.'))\n"
 
 
+class SlowRuntime(Runtime):
+    """Generates at most one token per 20 ms and remembers why each generation stopped."""
+
+    stops: list[str] = []
+
+    def generate(self, prompt, max_tokens, sampling=Sampling(), accept=lambda t: False, *args, **kwargs):
+        def slow(text):
+            time.sleep(0.02)
+            return accept(text)
+
+        result = super().generate(prompt, max_tokens, sampling, slow, *args, **kwargs)
+        SlowRuntime.stops.append(result.stop_reason)
+        return result
+
+
 @contextmanager
-def running(q4_model, parallel=2, api_key=None, limits=Limits(max_predict=64)):
+def running(q4_model, parallel=2, api_key=None, limits=Limits(max_predict=64), runtime=Runtime):
     model = Model(q4_model)
-    runtimes = [Runtime(model, n_ctx=1024, threads=1) for _ in range(parallel)]
+    runtimes = [runtime(model, n_ctx=1024, threads=1) for _ in range(parallel)]
     app = create_app(runtimes, q4_model.name, api_key, limits)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -144,12 +159,15 @@ def test_auth_required_except_health(q4_model):
 
 
 def test_full_queue_is_503_and_disconnect_cancels(q4_model):
-    with running(q4_model, parallel=1, limits=Limits(max_predict=4000, max_queue=0)) as u:
+    SlowRuntime.stops.clear()
+    with running(q4_model, parallel=1, limits=Limits(max_predict=4000, max_queue=0), runtime=SlowRuntime) as u:
         long = {"prompt": "def f():", "max_tokens": 900, "stream": True}
         with httpx.stream("POST", f"{u}/v1/completions", json=long, timeout=60) as r:
-            next(r.iter_lines())  # generation is under way, the only slot is taken
+            lines = r.iter_lines()  # kept referenced: a dropped iterator closes the connection
+            next(lines)  # generation is under way (≥ 18 s of it), the only slot is taken
             busy = httpx.post(f"{u}/v1/completions", json={"prompt": "x", "max_tokens": 2})
             assert busy.status_code == 503 and busy.json()["error"]["type"] == "unavailable_error"
+            assert SlowRuntime.stops == []
         # the client went away: its generation is cancelled and the slot comes back quickly
         t0 = time.time()
         while True:
@@ -158,10 +176,11 @@ def test_full_queue_is_503_and_disconnect_cancels(q4_model):
                 break
             assert time.time() - t0 < 5, "the abandoned generation kept the slot"
             time.sleep(0.1)
+        assert SlowRuntime.stops[0] == "cancelled" and time.time() - t0 < 5
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=6,
 )

@@ -1,0 +1,100 @@
+"""Speed: load time, prompt processing (pp) and generation (tg) tokens/s, peak RSS.
+
+The method is llama-bench's, so figures compare: a warm-up run, then `reps` runs of each test on
+an emptied KV cache; pp decodes `n_prompt` random tokens as one batch, tg decodes `n_gen` tokens
+one at a time; tokens/s is reported as mean ± stdev over the runs. Each model runs in a fresh
+process, so load time and peak RSS are its own.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    size_bytes: int
+    threads: int
+    gpu_layers: int
+    repack: bool
+    load_s: float
+    pp_tps: float
+    pp_std: float
+    tg_tps: float
+    tg_std: float
+    peak_rss_mb: float
+    n_prompt: int
+    n_gen: int
+    reps: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: int, n_gen: int, reps: int) -> BenchResult:
+    import numpy as np
+
+    from .engine import Context, Model
+    from .loader import repack_safe
+    from .runtime import gpu_layers as resolve_gpu_layers
+
+    n_gpu = resolve_gpu_layers(gpu_layers, Path(path))
+    t0 = time.perf_counter()
+    model = Model(Path(path), n_gpu)
+    ctx = Context(model, n_ctx=n_prompt + n_gen, n_batch=n_prompt, threads=threads)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(100, model.n_vocab - 100, n_prompt).tolist()
+    gen = rng.integers(100, model.n_vocab - 100, n_gen).tolist()
+
+    def run_pp() -> float:
+        ctx.reset()
+        t = time.perf_counter()
+        ctx.decode(prompt)
+        ctx.synchronize()
+        return n_prompt / (time.perf_counter() - t)
+
+    def run_tg() -> float:
+        ctx.reset()
+        t = time.perf_counter()
+        for tok in gen:
+            ctx.decode_one(tok)
+        ctx.synchronize()
+        return n_gen / (time.perf_counter() - t)
+
+    results = {}
+    for name, test in (("pp", run_pp), ("tg", run_tg)):
+        test()  # warm-up, as llama-bench does
+        runs = [test() for _ in range(reps)]
+        results[name] = (statistics.mean(runs), statistics.stdev(runs) if len(runs) > 1 else 0.0)
+    ctx.close()
+    model.close()
+    return BenchResult(
+        model=Path(path).name, size_bytes=Path(path).stat().st_size, threads=threads, gpu_layers=n_gpu,
+        repack=repack_safe(), load_s=load_s, pp_tps=results["pp"][0], pp_std=results["pp"][1],
+        tg_tps=results["tg"][0], tg_std=results["tg"][1],
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        n_prompt=n_prompt, n_gen=n_gen, reps=reps,
+    )
+
+
+def bench(path: Path, threads: int | None = None, gpu_layers: str | int = 0, n_prompt: int = 512, n_gen: int = 128,
+          reps: int = 5, isolate: bool = True) -> BenchResult:
+    """Benchmark one GGUF; `isolate` runs it in a fresh process (clean load time and RSS)."""
+    from .loader import inspect
+
+    inspect(path)  # a clear error here rather than a crash in the child
+    threads = threads or os.cpu_count() or 1
+    args = (str(path), threads, gpu_layers, n_prompt, n_gen, reps)
+    if not isolate:
+        return _bench_in_process(*args)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_bench_in_process, *args).result()
