@@ -79,14 +79,18 @@ def resolve_model(ref: str | Path | None) -> Path:
 def gpu_layers(setting: str | int, model_path: Path) -> int:
     """`auto`: every layer when llama.cpp has a GPU backend and the model fits in free VRAM."""
     if setting != "auto":
-        return int(setting)
+        try:
+            return int(setting)
+        except ValueError:
+            raise RefactGGUFError(f"--gpu-layers {setting!r}: give a number or 'auto'") from None
     if not llama_cpp.llama_supports_gpu_offload():
         return 0
     from .select import estimate, free_memory
 
-    memory = free_memory()
-    need = estimate(catalog.load().get("Q8_0"), size_bytes=model_path.stat().st_size).total
-    return 999 if memory.vram_free and memory.vram_free > need else 0
+    vram = free_memory().vram_free
+    if vram is None:  # a GPU build, but no NVML to ask (Metal, ROCm, no nvidia-ml-py): llama.cpp says if it does not fit
+        return 999
+    return 999 if vram > estimate(None, size_bytes=model_path.stat().st_size).total else 0
 
 
 class Runtime:

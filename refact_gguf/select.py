@@ -19,7 +19,7 @@ MARGIN = 0.85  # use at most this share of what is free
 
 @dataclass(frozen=True)
 class Estimate:
-    quant: Quant
+    quant: Quant | None
     weights: int
     kv_cache: int
     compute: int
@@ -30,16 +30,18 @@ class Estimate:
         return self.weights + self.kv_cache + self.compute + self.overhead
 
 
-def estimate(quant: Quant, n_ctx: int = 4096, n_ubatch: int = 512, flash_attn: bool = False,
+def estimate(quant: Quant | None, n_ctx: int = 4096, n_ubatch: int = 512, flash_attn: bool = False,
              size_bytes: int | None = None, cat: Catalog | None = None) -> Estimate:
-    """Weights + KV cache + llama.cpp's compute buffer + runtime, in bytes."""
+    """Weights + KV cache + llama.cpp's compute buffer + runtime, in bytes. The weights are the
+    file's size: `size_bytes` when given (a file on disk), else the quant's published size."""
     m = (cat or catalog.load()).model
     kv = n_ctx * m.n_layer * 2 * m.n_head_kv * m.head_dim * 2  # K and V, f16, one KV head
     # The compute buffer holds the largest live intermediates of one ubatch: the attention scores
     # (gone with flash attention), the FFN activations and the logits of every output row.
     scores = 0 if flash_attn else n_ubatch * n_ctx * m.n_head * 4
     compute = scores + n_ubatch * (m.n_vocab + 3 * m.n_ff) * 4
-    return Estimate(quant, size_bytes if size_bytes is not None else quant.size_bytes, kv, compute, RUNTIME_OVERHEAD)
+    weights = size_bytes if size_bytes is not None else quant.size_bytes
+    return Estimate(quant, weights, kv, compute, RUNTIME_OVERHEAD)
 
 
 @dataclass(frozen=True)

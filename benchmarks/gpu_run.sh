@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (no network): build llama.cpp with CUDA for sm_90 from the sources in
+# llama-cpp-python's sdist, make a full-size synthetic model, then
+#   1. refact-gguf bench vs llama-bench (same build) on Q4_K_M, Q8_0, F16, all layers offloaded;
+#   2. the typing replay against our server and against llama-server (--cache-reuse 256 --spm-infill).
+# Results land in $OUT as they are made. Needs, carried beside the repo (see docs/benchmarks.md):
+#   .whl/  wheels for Python 3.12 (gguf, typer, rich, fastapi, uvicorn, httpx, nvidia-ml-py, …)
+#   .sdist/llama-src.tar.gz  llama-cpp-python 0.3.36's sdist, trimmed of docs/models/tests
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+T0=$(date +%s)
+log() { echo "[$(($(date +%s) - T0))s] $*" | tee -a "$OUT/steps.log"; }
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+mkdir -p /tmp/src && tar xzf .sdist/llama-src.tar.gz -C /tmp/src
+export PYTHONPATH="/tmp/site:$PWD:/tmp/src/llama_cpp_python-0.3.36"
+SRC=/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+
+log "build llama.cpp (CUDA sm_90)"
+cmake -S "$SRC" -B /tmp/lb -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
+    -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF > "$OUT/build.log" 2>&1
+cmake --build /tmp/lb --target llama llama-bench llama-server -j 16 >> "$OUT/build.log" 2>&1 || { log "build failed"; tail -30 "$OUT/build.log"; exit 1; }
+export LLAMA_CPP_LIB_PATH=/tmp/lb/bin LD_LIBRARY_PATH=/tmp/lb/bin
+python3 -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode()); print('gpu offload:', llama_cpp.llama_supports_gpu_offload())" | tee -a "$OUT/steps.log"
+
+log "full-size synthetic model → F16, Q4_K_M, Q8_0"
+python3 - <<'EOF'
+from pathlib import Path
+from convert import convert
+from refact_gguf import catalog
+from refact_gguf.synthetic import SyntheticSpec, write_checkpoint
+write_checkpoint(Path("/tmp/hf"), SyntheticSpec.full_size(dtype="float16"))
+convert(Path("/tmp/hf"), Path("/tmp/m"), "f16", catalog.load().select("Q4_K_M,Q8_0"), threads=16)
+EOF
+ls -la /tmp/m | tee -a "$OUT/steps.log"
+
+log "bench: refact-gguf vs llama-bench"
+for q in Q4_K_M Q8_0 F16; do
+    m=/tmp/m/Refact-1_6B-fim.$q.gguf
+    python3 -m refact_gguf.cli bench -m "$m" --gpu-layers 99 -t 16 --json > "$OUT/bench_ours_$q.json" 2>>"$OUT/steps.log"
+    /tmp/lb/bin/llama-bench -m "$m" -ngl 99 -t 16 -p 512 -n 128 -r 5 -o json > "$OUT/bench_llama_$q.json" 2>>"$OUT/steps.log"
+    log "$q done"
+done
+
+log "typing replay"
+M=/tmp/m/Refact-1_6B-fim.Q4_K_M.gguf
+python3 benchmarks/typing_replay.py --model "$M" --gpu-layers 99 --threads 16 --json "$OUT/replay_ours_spm.json" | tail -9 | tee -a "$OUT/steps.log"
+python3 benchmarks/typing_replay.py --model "$M" --gpu-layers 99 --threads 16 --order psm --json "$OUT/replay_ours_psm.json" | tail -9 | tee -a "$OUT/steps.log"
+/tmp/lb/bin/llama-server -m "$M" -ngl 99 -c 4096 --port 8089 --cache-reuse 256 --spm-infill > "$OUT/llama_server.log" 2>&1 &
+SERVER=$!
+for _ in $(seq 60); do curl -sf http://127.0.0.1:8089/health > /dev/null && break; sleep 1; done
+python3 benchmarks/typing_replay.py --url http://127.0.0.1:8089 --json "$OUT/replay_llama_server_spm.json" | tail -9 | tee -a "$OUT/steps.log"
+kill $SERVER
+log "done"
