@@ -16,18 +16,18 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 mkdir -p /tmp/src && tar xzf .sdist/llama-src.tar.gz -C /tmp/src
 export PYTHONPATH="/tmp/site:$PWD:/tmp/src/llama_cpp_python-0.3.36"
 SRC=/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/steps.log"
 
 log "build llama.cpp (CUDA sm_90)"
-cmake -S "$SRC" -B /tmp/lb -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+[ -x /tmp/lb/bin/llama-server ] || cmake -S "$SRC" -B /tmp/lb -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
-    -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF > "$OUT/build.log" 2>&1
-cmake --build /tmp/lb --target llama llama-bench llama-server -j 16 >> "$OUT/build.log" 2>&1 || { log "build failed"; tail -30 "$OUT/build.log"; exit 1; }
+    -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF > /tmp/build.log 2>&1
+cmake --build /tmp/lb --target llama llama-bench llama-server -j 16 > /tmp/build.log 2>&1 || { log "build failed"; tail -30 /tmp/build.log; exit 1; }
 export LLAMA_CPP_LIB_PATH=/tmp/lb/bin LD_LIBRARY_PATH=/tmp/lb/bin
 python3 -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode()); print('gpu offload:', llama_cpp.llama_supports_gpu_offload())" | tee -a "$OUT/steps.log"
 
 log "full-size synthetic model → F16, Q4_K_M, Q8_0"
-python3 - <<'EOF'
+[ -f /tmp/m/Refact-1_6B-fim.Q8_0.gguf ] || python3 - <<'EOF'
 from pathlib import Path
 from convert import convert
 from refact_gguf import catalog
@@ -40,18 +40,20 @@ ls -la /tmp/m | tee -a "$OUT/steps.log"
 log "bench: refact-gguf vs llama-bench"
 for q in Q4_K_M Q8_0 F16; do
     m=/tmp/m/Refact-1_6B-fim.$q.gguf
-    python3 -m refact_gguf.cli bench -m "$m" --gpu-layers 99 -t 16 --json > "$OUT/bench_ours_$q.json" 2>>"$OUT/steps.log"
-    /tmp/lb/bin/llama-bench -m "$m" -ngl 99 -t 16 -p 512 -n 128 -r 5 -o json > "$OUT/bench_llama_$q.json" 2>>"$OUT/steps.log"
+    python3 -m refact_gguf.cli bench -m "$m" --gpu-layers 99 -t 16 --json >> "$OUT/bench_ours.jsonl" 2>>"$OUT/steps.log"
+    /tmp/lb/bin/llama-bench -m "$m" -ngl 99 -t 16 -p 512 -n 128 -r 5 -o jsonl >> "$OUT/bench_llama.jsonl" 2>>"$OUT/steps.log"
     log "$q done"
 done
 
 log "typing replay"
 M=/tmp/m/Refact-1_6B-fim.Q4_K_M.gguf
-python3 benchmarks/typing_replay.py --model "$M" --gpu-layers 99 --threads 16 --json "$OUT/replay_ours_spm.json" | tail -9 | tee -a "$OUT/steps.log"
-python3 benchmarks/typing_replay.py --model "$M" --gpu-layers 99 --threads 16 --order psm --json "$OUT/replay_ours_psm.json" | tail -9 | tee -a "$OUT/steps.log"
-/tmp/lb/bin/llama-server -m "$M" -ngl 99 -c 4096 --port 8089 --cache-reuse 256 --spm-infill > "$OUT/llama_server.log" 2>&1 &
+python3 benchmarks/typing_replay.py --model "$M" --gpu-layers 99 --threads 16 --json /tmp/replay_ours_spm.json | tail -9 | tee -a "$OUT/steps.log"
+python3 benchmarks/typing_replay.py --model "$M" --gpu-layers 99 --threads 16 --order psm --json /tmp/replay_ours_psm.json | tail -9 | tee -a "$OUT/steps.log"
+python3 benchmarks/typing_replay.py --model "$M" --gpu-layers 99 --threads 4 --json /tmp/replay_ours_spm_t4.json | tail -9 | tee -a "$OUT/steps.log"
+/tmp/lb/bin/llama-server -m "$M" -ngl 99 -c 4096 --port 8089 --cache-reuse 256 --spm-infill > /tmp/llama_server.log 2>&1 &
 SERVER=$!
 for _ in $(seq 60); do curl -sf http://127.0.0.1:8089/health > /dev/null && break; sleep 1; done
-python3 benchmarks/typing_replay.py --url http://127.0.0.1:8089 --json "$OUT/replay_llama_server_spm.json" | tail -9 | tee -a "$OUT/steps.log"
+python3 benchmarks/typing_replay.py --url http://127.0.0.1:8089 --json /tmp/replay_llama_server_spm.json | tail -9 | tee -a "$OUT/steps.log"
 kill $SERVER
+cat /tmp/replay_*.json > "$OUT/replays.json" 2>/dev/null
 log "done"

@@ -85,6 +85,7 @@ def main() -> None:
         "cold_ms": round(cold["ms"], 1), "cold_prompt_n": cold["prompt_n"],
         "warm_p50_ms": round(statistics.median(r["ms"] for r in warm), 1),
         "warm_mean_prompt_n": round(statistics.mean(r["prompt_n"] for r in warm), 2),
+        "warm_mean_predicted_n": round(statistics.mean(r["predicted_n"] for r in warm), 2),
         "warm_over_cold": round(statistics.median(r["ms"] for r in warm) / cold["ms"], 3),
     }
     for i, r in enumerate(rows):

@@ -30,6 +30,7 @@ class BenchResult:
     pp_std: float
     tg_tps: float
     tg_std: float
+    gen_tps: float  # generation through the runtime's whole per-token path (sampling, text, stop rules)
     peak_rss_mb: float
     n_prompt: int
     n_gen: int
@@ -40,11 +41,16 @@ class BenchResult:
 
 
 def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: int, n_gen: int, reps: int) -> BenchResult:
+    import faulthandler
+
     import numpy as np
 
     from .engine import Context, Model
     from .loader import repack_safe
+    from .runtime import Runtime
     from .runtime import gpu_layers as resolve_gpu_layers
+
+    faulthandler.enable()  # a crash inside llama.cpp still says where
 
     n_gpu = resolve_gpu_layers(gpu_layers, Path(path))
     t0 = time.perf_counter()
@@ -76,11 +82,20 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
         runs = [test() for _ in range(reps)]
         results[name] = (statistics.mean(runs), statistics.stdev(runs) if len(runs) > 1 else 0.0)
     ctx.close()
+    # What a user gets: greedy generation with detokenization and the FIM stop rules' callback.
+    with Runtime(model, n_ctx=n_prompt + n_gen + 16, threads=threads) as rt:
+        runs = []
+        for _ in range(2):
+            rt.cached = []
+            rt.ctx.reset()
+            done = rt.generate(prompt[:16], n_gen, accept=lambda text: False)
+            runs.append(done.tokens_predicted / (done.predicted_ms / 1e3) if done.predicted_ms else 0.0)
+        gen_tps = runs[-1]
     model.close()
     return BenchResult(
         model=Path(path).name, size_bytes=Path(path).stat().st_size, threads=threads, gpu_layers=n_gpu,
         repack=repack_safe(), load_s=load_s, pp_tps=results["pp"][0], pp_std=results["pp"][1],
-        tg_tps=results["tg"][0], tg_std=results["tg"][1],
+        tg_tps=results["tg"][0], tg_std=results["tg"][1], gen_tps=gen_tps,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         n_prompt=n_prompt, n_gen=n_gen, reps=reps,
     )

@@ -418,11 +418,11 @@ def bench(
         out.print_json(json.dumps([r.as_dict() for r in results]))
         return
     table = Table(title=f"pp{n_prompt} / tg{n_gen}, {reps} reps")
-    for col in ("model", "GiB", "threads", "gpu layers", "repack", "load s", f"pp{n_prompt} t/s", f"tg{n_gen} t/s", "peak RSS MB"):
+    for col in ("model", "GiB", "threads", "gpu layers", "repack", "load s", f"pp{n_prompt} t/s", f"tg{n_gen} t/s", "gen t/s", "peak RSS MB"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in results:
         table.add_row(r.model, f"{r.size_bytes / 2**30:.2f}", str(r.threads), str(r.gpu_layers), "on" if r.repack else "off",
-                      f"{r.load_s:.2f}", f"{r.pp_tps:.1f} ± {r.pp_std:.1f}", f"{r.tg_tps:.2f} ± {r.tg_std:.2f}", f"{r.peak_rss_mb:.0f}")
+                      f"{r.load_s:.2f}", f"{r.pp_tps:.1f} ± {r.pp_std:.1f}", f"{r.tg_tps:.2f} ± {r.tg_std:.2f}", f"{r.gen_tps:.2f}", f"{r.peak_rss_mb:.0f}")
     out.print(table)
 
 

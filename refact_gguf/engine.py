@@ -30,6 +30,12 @@ class Model:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
         self._piece = ctypes.create_string_buffer(256)
+        # Tokens that end a completion (end-of-generation and every other control token), as a
+        # set: checked per generated token without a call into llama.cpp.
+        self.stop_tokens = frozenset(
+            t for t in range(self.n_vocab)
+            if llama_cpp.llama_vocab_is_eog(self.vocab, t) or llama_cpp.llama_vocab_is_control(self.vocab, t)
+        ) if not vocab_only else frozenset()
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         """Text → ids, no BOS. With special=False, "<fim_suffix>" in the text is plain text."""
@@ -138,6 +144,10 @@ class Context:
         if status != 0:
             raise RefactGGUFError(f"llama.cpp failed to decode a token (llama_decode returned {status})")
         self.n_past += 1
+
+    def logits_last(self) -> np.ndarray:
+        """A view (no copy) of the last decoded position's logits, valid until the next decode."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ptr, -1), shape=(self.model.n_vocab,))
 
     def synchronize(self) -> None:
         """Wait for queued GPU work (a no-op on the CPU): timings must include it."""

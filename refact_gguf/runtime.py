@@ -50,15 +50,15 @@ class Completion:
 
 def resolve_model(ref: str | Path | None) -> Path:
     """A path, a quant name (from the cache), or None: the best pulled quant that fits here."""
-    from .hub import cached_path, cached_quants
-    from .select import estimate, fits, free_memory, recommend
-
-    cat = catalog.load()
     if ref is not None and (Path(ref).suffix == ".gguf" or os.sep in str(ref) or Path(ref).exists()):
         path = Path(ref).expanduser()
         if not path.is_file():
             raise ModelFileError(f"{path} does not exist", "pass a .gguf file or a quant name (refact-gguf list)")
         return path
+    from .hub import cached_path, cached_quants  # only now: a path needs no Hub client
+    from .select import estimate, fits, free_memory, recommend
+
+    cat = catalog.load()
     if ref is not None:
         quant = cat.get(str(ref))
         path = cached_path(quant)
@@ -185,18 +185,17 @@ class Runtime:
         t1 = time.perf_counter()
         if len(self.cached) < len(prompt):  # the prompt deadline passed mid-prefill
             return Completion("", "time", len(prompt), cached, evaluated, 0, (t1 - t0) * 1e3, 0.0)
-        smpl = self._sampler_for(sampling)
+        # Greedy needs no sampler: an argmax over a view of the logits is ~10× cheaper per token
+        # than llama.cpp's sampler, which first copies every logit into a candidate array.
+        greedy = sampling.temperature <= 0
+        smpl = None if greedy else self._sampler_for(sampling)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stop_ids = set(stop_ids)
-        vocab = self.model.vocab
+        stops = self.model.stop_tokens | set(stop_ids)
         reason, n = "max_tokens", 0
         while n < max_tokens:
-            tok = llama_cpp.llama_sampler_sample(smpl, self.ctx.ptr, -1)
-            if llama_cpp.llama_vocab_is_eog(vocab, tok):
-                reason = "eos"
-                break
-            if tok in stop_ids or llama_cpp.llama_vocab_is_control(vocab, tok):
-                reason = "special"
+            tok = int(self.ctx.logits_last().argmax()) if greedy else llama_cpp.llama_sampler_sample(smpl, self.ctx.ptr, -1)
+            if tok in stops:
+                reason = "eos" if llama_cpp.llama_vocab_is_eog(self.model.vocab, tok) else "special"
                 break
             n += 1
             if accept(decoder.decode(self.model.piece(tok))):
