@@ -411,9 +411,11 @@ def bench(
     from .bench import bench as run_bench
 
     results = []
-    for path in _models(model, quant, directory):
+    paths = _models(model, quant, directory)
+    for path in paths:
         err.print(f"[dim]bench {path.name}…[/]")
-        results.append(run_bench(path, threads, gpu_layers, n_prompt, n_gen, reps))
+        # Several models: each in a fresh process, so load time and peak RSS are its own.
+        results.append(run_bench(path, threads, gpu_layers, n_prompt, n_gen, reps, isolate=len(paths) > 1))
     if as_json:
         out.print_json(json.dumps([r.as_dict() for r in results]))
         return
