@@ -49,11 +49,11 @@ log "typing replay"
 M=/tmp/m/Refact-1_6B-fim.Q4_K_M.gguf
 python3 benchmarks/typing_replay.py --model "$M" --gpu-layers 99 --threads 16 --json /tmp/replay_ours_spm.json | tail -9 | tee -a "$OUT/steps.log"
 python3 benchmarks/typing_replay.py --model "$M" --gpu-layers 99 --threads 16 --order psm --json /tmp/replay_ours_psm.json | tail -9 | tee -a "$OUT/steps.log"
-python3 benchmarks/typing_replay.py --model "$M" --gpu-layers 99 --threads 4 --json /tmp/replay_ours_spm_t4.json | tail -9 | tee -a "$OUT/steps.log"
+python3 benchmarks/typing_replay.py --model "$M" --gpu-layers 99 --threads 16 --n-indent 0 --json /tmp/replay_ours_spm_indent0.json | tail -9 | tee -a "$OUT/steps.log"
 /tmp/lb/bin/llama-server -m "$M" -ngl 99 -c 4096 --port 8089 --cache-reuse 256 --spm-infill > /tmp/llama_server.log 2>&1 &
 SERVER=$!
 for _ in $(seq 60); do curl -sf http://127.0.0.1:8089/health > /dev/null && break; sleep 1; done
-python3 benchmarks/typing_replay.py --url http://127.0.0.1:8089 --json /tmp/replay_llama_server_spm.json | tail -9 | tee -a "$OUT/steps.log"
+python3 benchmarks/typing_replay.py --url http://127.0.0.1:8089 --n-indent 0 --json /tmp/replay_llama_server_spm.json | tail -9 | tee -a "$OUT/steps.log"
 kill $SERVER
 cat /tmp/replay_*.json > "$OUT/replays.json" 2>/dev/null
 log "done"

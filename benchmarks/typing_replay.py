@@ -24,7 +24,7 @@ import httpx
 LINE = "    pattern = translate(os.path.normcase(pat))"
 
 
-def requests(order: str, keystrokes: int, n_predict: int) -> list[dict]:
+def requests(order: str, keystrokes: int, n_predict: int, n_indent: int) -> list[dict]:
     lines = (Path(sysconfig.get_paths()["stdlib"]) / "fnmatch.py").read_text().splitlines(keepends=True)
     prefix, suffix = "".join(lines[:120]), "\n" + "".join(lines[120:])
     step = max(1, len(LINE) // keystrokes)
@@ -33,7 +33,7 @@ def requests(order: str, keystrokes: int, n_predict: int) -> list[dict]:
         typed = LINE[: min(len(LINE), k * step)]
         bodies.append({
             "input_prefix": prefix, "input_suffix": suffix, "input_extra": [], "prompt": typed,
-            "n_predict": n_predict, "n_indent": 4, "top_k": 40, "top_p": 0.90, "stream": False,
+            "n_predict": n_predict, "n_indent": n_indent, "top_k": 40, "top_p": 0.90, "stream": False,
             "samplers": ["top_k", "top_p", "infill"], "cache_prompt": True,
             "t_max_prompt_ms": 60000, "t_max_predict_ms": 60000, "fim_order": order,
         })
@@ -48,7 +48,9 @@ def start_server(model: Path, threads: int, n_ctx: int, gpu_layers: str) -> str:
     from refact_gguf.server import create_app
 
     m = Model(model, resolve(gpu_layers, model))
-    app = create_app([Runtime(m, n_ctx=n_ctx, threads=threads)], model.name)
+    rt = Runtime(m, n_ctx=n_ctx, threads=threads)
+    rt.warmup()  # as `refact-gguf serve` does at start
+    app = create_app([rt], model.name)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -69,12 +71,13 @@ def main() -> None:
     ap.add_argument("--order", default="spm", choices=["spm", "psm"])
     ap.add_argument("--keystrokes", type=int, default=20)
     ap.add_argument("--n-predict", type=int, default=16)
+    ap.add_argument("--n-indent", type=int, default=4, help="llama.vim sends the cursor line's indent; 0 disables the rule")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     url = args.url or start_server(args.model, args.threads, args.ctx, args.gpu_layers)
     rows = []
     with httpx.Client(timeout=600) as client:
-        for body in requests(args.order, args.keystrokes, args.n_predict):
+        for body in requests(args.order, args.keystrokes, args.n_predict, args.n_indent):
             t0 = time.perf_counter()
             r = client.post(f"{url}/infill", json=body).json()
             rows.append({"ms": (time.perf_counter() - t0) * 1e3, "prompt_n": r["timings"]["prompt_n"],

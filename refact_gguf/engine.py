@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,28 @@ import numpy as np
 
 from .errors import ModelFileError, RefactGGUFError
 from .loader import load_model
+
+
+class TokenCache:
+    """A small LRU of text → ids, shared by every slot on a model (thread-safe)."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._items: dict[str, tuple[int, ...]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, text: str) -> tuple[int, ...] | None:
+        with self._lock:
+            ids = self._items.pop(text, None)
+            if ids is not None:
+                self._items[text] = ids  # most recent last
+            return ids
+
+    def put(self, text: str, ids: list[int]) -> None:
+        with self._lock:
+            self._items[text] = tuple(ids)
+            while len(self._items) > self.size:
+                self._items.pop(next(iter(self._items)))
 
 
 class Model:
@@ -30,6 +53,7 @@ class Model:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
         self._piece = ctypes.create_string_buffer(256)
+        self.token_cache = TokenCache()
         # Tokens that end a completion (end-of-generation and every other control token), as a
         # set: checked per generated token without a call into llama.cpp.
         self.stop_tokens = frozenset(

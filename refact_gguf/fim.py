@@ -40,9 +40,10 @@ class FimPrompt:
         return self.prefix_truncated or self.suffix_truncated
 
 
-def _fit(tokenize: Tokenize, text: str, budget: int, keep: Literal["head", "tail"]) -> tuple[str, list[int], bool]:
+def _fit(tokenize: Tokenize, text: str, budget: int, keep: Literal["head", "tail"],
+         ids: list[int] | None = None) -> tuple[str, list[int], bool]:
     """The most whole lines of `text` (from its head or tail) whose tokens fit `budget`."""
-    ids = tokenize(text)
+    ids = tokenize(text) if ids is None else ids
     if len(ids) <= budget:
         return text, ids, False
     lines = text.splitlines(keepends=True)
@@ -93,8 +94,8 @@ def build_prompt(
     suffix_ids_full = tokenize(suffix)
     prefix_ids_full = tokenize(prefix)
     suffix_budget = min(len(suffix_ids_full), max(int(room * SUFFIX_SHARE), room - len(prefix_ids_full)))
-    suffix_text, suffix_ids, suffix_cut = _fit(tokenize, suffix, suffix_budget, "head")
-    prefix_text, prefix_ids, prefix_cut = _fit(tokenize, prefix, room - len(suffix_ids), "tail")
+    suffix_text, suffix_ids, suffix_cut = _fit(tokenize, suffix, suffix_budget, "head", suffix_ids_full)
+    prefix_text, prefix_ids, prefix_cut = _fit(tokenize, prefix, room - len(suffix_ids), "tail", prefix_ids_full)
     if line:
         prefix_ids = tokenize(prefix_text + line)
     spare = max(0, budget - 3 - len(prefix_ids) - len(suffix_ids))

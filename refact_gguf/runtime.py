@@ -125,7 +125,22 @@ class Runtime:
     # -------------------------------------------------------------------------- plumbing
 
     def tokenize(self, text: str) -> list[int]:
-        return self.model.tokenize(text, special=False)
+        """Text → ids (specials not parsed). Recent texts are remembered: between keystrokes an
+        editor resends the same prefix and suffix, and re-tokenizing a whole file costs more
+        than the few tokens the keystroke adds."""
+        ids = self.model.token_cache.get(text)
+        if ids is None:
+            ids = self.model.tokenize(text, special=False)
+            self.model.token_cache.put(text, ids)
+        return list(ids)
+
+    def warmup(self) -> None:
+        """One decode, then an empty cache: the first real request should not pay one-time setup
+        (weights paged in, GPU kernels loaded), just as llama-server warms up at start."""
+        self.ctx.keep(0)
+        self.ctx.decode([0])
+        self.ctx.keep(0)
+        self.cached = []
 
     def _sampler_for(self, s: Sampling):
         if self._sampler is not None and self._sampling == s:

@@ -421,6 +421,8 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8012, api_key: str | 
 
     model = Model(model_path, resolve_gpu_layers(gpu_layers, model_path))
     runtimes = [Runtime(model, n_ctx=n_ctx, threads=threads) for _ in range(parallel)]
+    for rt in runtimes:
+        rt.warmup()
     try:
         app = create_app(runtimes, model_path.name, api_key, limits, cors_origins)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
