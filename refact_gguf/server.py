@@ -80,17 +80,22 @@ class InfillRequest(_Body):
     fim_order: Literal["spm", "psm"] = "spm"
 
 
-class CompletionRequest(_Body):
+class _OpenAIRequest(_Body):
+    """The fields OpenAI's completion and chat requests share."""
+
     model: str | None = None
-    prompt: str | list[str] = ""
-    suffix: str | None = None
-    max_tokens: int = Field(default=16, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[str] = ""
+    suffix: str | None = None
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
 
 
 class ChatMessage(_Body):
@@ -98,16 +103,10 @@ class ChatMessage(_Body):
     content: str
 
 
-class ChatRequest(_Body):
-    model: str | None = None
+class ChatRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.2, ge=0.0, le=5.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stream: bool = False
-    stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=1)
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
