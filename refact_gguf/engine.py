@@ -130,6 +130,16 @@ class Context:
             llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ptr), 0, n, -1)
             self.n_past = n
 
+    def remove(self, start: int, stop: int) -> None:
+        """Drop the cached positions [start, stop)."""
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ptr), 0, start, stop)
+
+    def shift(self, start: int, stop: int, delta: int) -> None:
+        """Move the cached positions [start, stop) by `delta`. Exact for Refact: ALiBi reads
+        positions at attention time, nothing positional is baked into the cached keys."""
+        if delta:
+            llama_cpp.llama_memory_seq_add(llama_cpp.llama_get_memory(self.ptr), 0, start, stop, delta)
+
     def decode(self, tokens: list[int], all_logits: bool = False, deadline: float | None = None) -> int:
         """Append tokens to the cache; logits are computed for the last one (or all), not copied.
         Returns how many were decoded: all, unless `deadline` (perf_counter) passed between batches."""

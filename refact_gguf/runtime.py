@@ -22,6 +22,7 @@ from .engine import Context, Model
 from .errors import ModelFileError, RefactGGUFError
 
 OnText = Callable[[str], None]
+REUSE_CHUNK = 64  # shortest run of cached tokens worth shifting rather than re-evaluating
 
 
 @dataclass(frozen=True)
@@ -169,14 +170,36 @@ class Runtime:
         return n
 
     def prefill(self, prompt: list[int], deadline: float | None = None) -> tuple[int, int]:
-        """Bring the KV cache to `prompt`, reusing the longest common prefix. (cached, evaluated).
-        With a deadline, stops between batches once it has passed (the cache then holds less)."""
-        common = min(self.common_prefix(prompt), len(prompt) - 1)  # the last token is evaluated for its logits
-        self.ctx.keep(common)
-        self.cached = self.cached[:common]
-        done = self.ctx.decode(prompt[common:], deadline=deadline)
-        self.cached = list(prompt[: common + done])
-        return common, done
+        """Bring the KV cache to `prompt`, reusing what it holds. Returns (reused, evaluated).
+
+        First the longest common prefix. Then llama-server's --cache-reuse: where text was
+        removed (an editor's extra-context chunk dropped, lines deleted), every later run of at
+        least `REUSE_CHUNK` cached tokens that continues the prompt is shifted back into place
+        instead of being evaluated again. The shift is exact for Refact's ALiBi positions; the
+        shifted keys and values still reflect the removed text, as in llama-server. (Text
+        *inserted* before cached tokens cannot reuse them: llama.cpp decodes only after the
+        last cached position.) With a deadline, stops between batches once it has passed.
+        """
+        last = len(prompt) - 1  # the last token is always evaluated, for its logits
+        head = min(self.common_prefix(prompt), last)
+        old, ctx = self.cached, self.ctx
+        reused = head
+        src = head  # position in the old cache; `head` is the position in the prompt
+        while src < len(old) and head < last and len(old) - src >= REUSE_CHUNK:
+            n = 0
+            while src + n < len(old) and head + n < last and old[src + n] == prompt[head + n]:
+                n += 1
+            if n >= REUSE_CHUNK:
+                ctx.remove(head, src)
+                ctx.shift(src, src + n, head - src)
+                head, src, reused = head + n, src + n, reused + n
+            else:
+                src += 1
+        ctx.n_past = max(ctx.n_past, head)
+        ctx.keep(head)  # whatever was not kept or shifted back
+        done = ctx.decode(prompt[head:], deadline=deadline)
+        self.cached = list(prompt[: head + done])
+        return reused, done
 
     def generate(
         self,

@@ -69,3 +69,27 @@ def test_imatrix_lowers_kl(all_quants, sample_tokens, tmp_path, name):
     plain = kl_divergence(ref, sequence_logits(tmp_path / "plain.gguf", sample_tokens)).mean()
     weighted = kl_divergence(ref, sequence_logits(tmp_path / "imatrix.gguf", sample_tokens)).mean()
     assert weighted < plain, (weighted, plain)
+
+
+def test_imatrix_files_round_trip_in_llama_cpp_formats(all_quants, tmp_path):
+    """Our GGUF imatrix reloads identically; llama.cpp's legacy .dat (mean-of-squares × ncall) too."""
+    import struct
+
+    import numpy as np
+
+    original = Imatrix.load(all_quants.imatrix)
+    again = tmp_path / "again.imatrix.gguf"
+    original.save(again)
+    reloaded = Imatrix.load(again)
+    assert reloaded.sums.keys() == original.sums.keys() and reloaded.chunks == original.chunks
+    name = "blk.0.attn_q.weight"
+    assert np.allclose(reloaded.mean_sq(name), original.mean_sq(name))
+    # legacy: n_entries, then (len, name, ncall, nval, values = mean × ncall), then chunks + dataset
+    values = original.mean_sq(name) * 3
+    blob = struct.pack("<i", 1) + struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", 3, values.size)
+    blob += values.astype(np.float32).tobytes() + struct.pack("<ii", 8, 4) + b"code"
+    legacy = tmp_path / "imatrix.dat"
+    legacy.write_bytes(blob)
+    loaded = Imatrix.load(legacy)
+    assert np.allclose(loaded.mean_sq(name), original.mean_sq(name), rtol=1e-5)
+    assert (loaded.dataset, loaded.chunks) == ("code", 8)

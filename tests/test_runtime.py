@@ -73,3 +73,27 @@ def test_chat_stops_and_reports_dropped_history(rt):
     result = rt.chat(history, max_tokens=8, sampling=Sampling(temperature=0.7, seed=1))
     assert result.truncated and "dropped" in result.notes[0]
     assert result.tokens_predicted <= 8
+
+
+def _lines(n, tag):
+    return "".join(f"def {tag}_{i}(x):\n    return x + {i}\n\n" for i in range(n))
+
+
+def test_removed_text_reuses_the_cache_after_it(rt):
+    """Text removed in the middle (a dropped context chunk, deleted lines): the cached run after
+    it is shifted back, not evaluated again."""
+    before, removed, after = _lines(10, "head"), _lines(4, "gone"), _lines(12, "tail")
+    rt.complete(before + removed + after, max_tokens=2)
+    second = rt.complete(before + after, max_tokens=2)
+    assert second.tokens_evaluated <= 4, (second.tokens_evaluated, second.prompt_tokens)
+    assert second.tokens_cached >= second.prompt_tokens - 4
+    third = rt.complete(before + after, max_tokens=2)  # the cache holds exactly the new prompt
+    assert third.tokens_evaluated == 1
+
+
+def test_replaced_text_reevaluates_from_the_edit(rt):
+    before, after = _lines(10, "head"), _lines(12, "tail")
+    rt.complete(before + "VALUE = 40\n" + after, max_tokens=2)
+    second = rt.complete(before + "VALUE = 41\n" + after, max_tokens=2)
+    assert second.tokens_cached >= len(rt.tokenize(before))
+    assert second.tokens_evaluated + second.tokens_cached == second.prompt_tokens

@@ -125,6 +125,12 @@ def test_openai_client_completions_and_chat(url):
     assert "".join(pieces) == chat.choices[0].message.content
 
 
+def test_time_limit_returns_what_it_has(url):
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "prompt": "        ", "n_predict": 60, "t_max_predict_ms": 1}
+    r = httpx.post(f"{url}/infill", json=body, timeout=60).json()
+    assert r["tokens_predicted"] < 60 and r["stop"] is True
+
+
 def test_eight_concurrent_clients(url):
     def one(i):
         return httpx.post(f"{url}/v1/completions", json={"prompt": f"x{i} = ", "max_tokens": 4}, timeout=120).status_code
