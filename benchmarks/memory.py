@@ -1,5 +1,6 @@
-"""Validate `recommend`'s memory estimate: peak RSS of loading each quant and running one FIM,
-each in a fresh process, against the estimate for the same file and context.
+"""Validate `recommend`'s memory estimate: peak RSS of loading each quant and running one FIM
+whose prompt fills the context (the worst case the estimate is for), each in a fresh process,
+against the estimate for the same file and context.
 
     python benchmarks/memory.py --dir /tmp/refact-full/gguf/q [--ctx 4096] [--threads 2]
 """
@@ -20,9 +21,10 @@ CHILD = """
 import resource, sys, sysconfig
 from pathlib import Path
 from refact_gguf.runtime import Runtime
-text = (Path(sysconfig.get_paths()["stdlib"]) / "fnmatch.py").read_text()
+text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
 with Runtime(Path(sys.argv[1]), n_ctx=int(sys.argv[2]), threads=int(sys.argv[3])) as rt:
-    rt.fim(text[:4000], text[4000:5000], max_tokens=16)
+    result = rt.fim(text[:20000], text[20000:24000], max_tokens=16)  # truncated to fill the context
+    assert result.prompt_tokens > int(sys.argv[2]) - 200, result.prompt_tokens
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
@@ -33,11 +35,12 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--quant", default="all")
     args = ap.parse_args()
     cat = catalog.load()
     rows = []
     print("| quant | file MiB | estimate MiB | measured peak RSS MiB | error |\n|---|---|---|---|---|")
-    for q in cat.quants:
+    for q in cat.select(args.quant):
         path = args.dir / q.filename(cat.model)
         if not path.is_file() or q.alias_of:
             continue

@@ -50,7 +50,11 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
     from .runtime import Runtime
     from .runtime import gpu_layers as resolve_gpu_layers
 
-    faulthandler.enable()  # a crash inside llama.cpp still says where
+    if not faulthandler.is_enabled():
+        try:
+            faulthandler.enable()  # a crash inside llama.cpp still says where
+        except (ValueError, OSError):  # stderr without a file descriptor (e.g. captured by a test runner)
+            pass
 
     n_gpu = resolve_gpu_layers(gpu_layers, Path(path))
     t0 = time.perf_counter()

@@ -11,9 +11,9 @@ from .catalog import Catalog, Quant
 from .errors import RefactGGUFError
 
 MIB = 1 << 20
-# Process baseline measured with the synthetic model: Python, numpy, llama.cpp's runtime and the
-# 49k-token vocabulary (docs/benchmarks.md, "estimator vs measured").
-RUNTIME_OVERHEAD = 160 * MIB
+# Python, numpy, llama.cpp's runtime and the 49k-token vocabulary, fitted to the peak RSS of a
+# full-context FIM on the full-size model (docs/benchmarks.md, "estimate vs measured").
+RUNTIME_OVERHEAD = 56 * MIB
 MARGIN = 0.85  # use at most this share of what is free
 
 
@@ -30,16 +30,17 @@ class Estimate:
         return self.weights + self.kv_cache + self.compute + self.overhead
 
 
-def estimate(quant: Quant | None, n_ctx: int = 4096, n_ubatch: int = 512, flash_attn: bool = False,
+def estimate(quant: Quant | None, n_ctx: int = 4096, n_ubatch: int = 512, flash_attn: bool = True,
              size_bytes: int | None = None, cat: Catalog | None = None) -> Estimate:
     """Weights + KV cache + llama.cpp's compute buffer + runtime, in bytes. The weights are the
     file's size: `size_bytes` when given (a file on disk), else the quant's published size."""
     m = (cat or catalog.load()).model
     kv = n_ctx * m.n_layer * 2 * m.n_head_kv * m.head_dim * 2  # K and V, f16, one KV head
-    # The compute buffer holds the largest live intermediates of one ubatch: the attention scores
-    # (gone with flash attention), the FFN activations and the logits of every output row.
+    # The compute buffer holds the live intermediates of one ubatch: the FFN activations (gate,
+    # up, product), a few residual-width tensors, and, without flash attention (llama.cpp turns
+    # it on by default where it can), the attention scores of every head over the context.
     scores = 0 if flash_attn else n_ubatch * n_ctx * m.n_head * 4
-    compute = scores + n_ubatch * (m.n_vocab + 3 * m.n_ff) * 4
+    compute = scores + n_ubatch * (3 * m.n_ff + 8 * m.n_embd) * 4
     weights = size_bytes if size_bytes is not None else quant.size_bytes
     return Estimate(quant, weights, kv, compute, RUNTIME_OVERHEAD)
 

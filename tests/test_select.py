@@ -15,7 +15,7 @@ def test_kv_cache_formula():
     e = estimate(catalog.load().get("Q4_K_M"), n_ctx=4096)
     assert e.kv_cache == 4096 * 32 * 2 * 1 * 64 * 2  # n_ctx × n_layer × (K, V) × 1 KV head × 64 × f16
     assert e.weights == catalog.load().get("Q4_K_M").size_bytes
-    assert estimate(catalog.load().get("Q4_K_M"), flash_attn=True).compute < e.compute
+    assert estimate(catalog.load().get("Q4_K_M"), flash_attn=False).compute > e.compute
 
 
 def test_plenty_of_memory_gets_the_best_quality():
