@@ -71,7 +71,7 @@ def main() -> None:
                          "published_gib": q.size_gib, "delta_gib": round(size - q.size_gib, 3)})
         report["quantize"] = {"total_s": round(sum(r["seconds"] for r in rows) + seconds.get("imatrix", 0), 1),
                               "imatrix_s": seconds.get("imatrix"), "convert_s": seconds["convert"], "types": rows}
-        print(f"\n| quant | seconds | size GiB | published GiB | Δ |\n|---|---|---|---|---|")
+        print("\n| quant | seconds | size GiB | published GiB | Δ |\n|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['quant']} | {r['seconds']:.1f} | {r['size_gib']:.3f} | {r['published_gib']:.2f} | {r['delta_gib']:+.3f} |")
         print(f"\nimatrix {seconds.get('imatrix', 0):.1f} s; all quants {report['quantize']['total_s']:.0f} s in total")

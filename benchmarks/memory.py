@@ -11,7 +11,6 @@ import argparse
 import json
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 from refact_gguf import catalog

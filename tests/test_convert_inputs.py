@@ -16,7 +16,6 @@ import pytest
 from convert import convert, writer
 from convert.checkpoint import Checkpoint
 from refact_gguf.errors import CheckpointError, OutputError, TensorError
-from refact_gguf.synthetic import SyntheticSpec, write_checkpoint
 
 
 
