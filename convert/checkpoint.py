@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from refact_gguf.catalog import ffn_width
 from refact_gguf.errors import CheckpointError
 
 ARCHITECTURE = "GPTRefactForCausalLM"
@@ -43,9 +44,7 @@ class RefactConfig:
 
     @property
     def n_ff(self) -> int:
-        """Refact's SwiGLU width: 2/3 of 4·n_embd, rounded up to a multiple of 256."""
-        hidden = int(2 * (4 * self.n_embd) / 3)
-        return 256 * ((hidden + 255) // 256)
+        return ffn_width(self.n_embd)
 
     @classmethod
     def from_json(cls, path: Path) -> RefactConfig:

@@ -19,6 +19,12 @@ __all__ = ["Catalog", "ModelInfo", "Quant", "UnknownQuantError", "load", "readme
 GIB = 1024**3
 
 
+def ffn_width(n_embd: int) -> int:
+    """Refact's SwiGLU width: 2/3 of 4·n_embd, rounded up to a multiple of 256 (5632 at 2048)."""
+    hidden = int(2 * (4 * n_embd) / 3)
+    return 256 * ((hidden + 255) // 256)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str

@@ -16,6 +16,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .catalog import ffn_width
+
 SYNTHETIC_NAME = "Refact-1_6B-fim-SYNTHETIC-random-weights"
 _TORCH_DTYPE = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", None)}
 
@@ -40,8 +42,7 @@ class SyntheticSpec:
 
     @property
     def n_ff(self) -> int:
-        hidden = int(2 * (4 * self.n_embd) / 3)
-        return 256 * ((hidden + 255) // 256)
+        return ffn_width(self.n_embd)
 
 
 def tokenizer_json() -> str:
