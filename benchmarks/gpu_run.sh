@@ -18,10 +18,11 @@ export PYTHONPATH="/tmp/site:$PWD:/tmp/src/llama_cpp_python-0.3.36"
 SRC=/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/steps.log"
 
+# --exclude-libs: see gpu_cuda_libstdcxx.sh (CUDA 13 exports a second libstdc++ from libggml-cuda.so)
 log "build llama.cpp (CUDA sm_90)"
 [ -x /tmp/lb/bin/llama-server ] || cmake -S "$SRC" -B /tmp/lb -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
-    -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF > /tmp/build.log 2>&1
+    -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL" > /tmp/build.log 2>&1
 cmake --build /tmp/lb --target llama llama-bench llama-server -j 16 > /tmp/build.log 2>&1 || { log "build failed"; tail -30 /tmp/build.log; exit 1; }
 export LLAMA_CPP_LIB_PATH=/tmp/lb/bin LD_LIBRARY_PATH=/tmp/lb/bin
 python3 -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode()); print('gpu offload:', llama_cpp.llama_supports_gpu_offload())" | tee -a "$OUT/steps.log"

@@ -15,7 +15,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from . import __version__
-from .console import RichProgress, err, out, show_llama_log
+from .console import RichProgress, err, out, llama_output
 from .errors import RefactGGUFError
 
 
@@ -127,7 +127,7 @@ def convert(
 
     from .catalog import load
 
-    show_llama_log(verbose)
+    llama_output(verbose)
     quants = load().select(quant) if quant else []
     result = run_convert(
         hf_dir, output, outtype, quants,
@@ -174,7 +174,7 @@ def run(
     from .fimsource import read_fim_input
     from .runtime import Sampling
 
-    show_llama_log(verbose)
+    llama_output(verbose)
     sampling = Sampling(temperature=temperature)
     if fim_mode:
         before, after = read_fim_input(prefix, suffix, prefix_file, suffix_file, file, line, col)
@@ -213,7 +213,7 @@ def chat(
     from .chat import Message
     from .runtime import Sampling
 
-    show_llama_log(verbose)
+    llama_output(verbose)
     history = [Message("system", system)]
     sampling = Sampling(temperature=temperature)
     with _runtime(model, ctx_size, gpu_layers, threads) as rt:
@@ -304,7 +304,7 @@ def quickstart(
     from .quickstart import EXAMPLE_PREFIX, EXAMPLE_QUESTION, EXAMPLE_SUFFIX, choose_model
     from .runtime import Runtime
 
-    show_llama_log(verbose)
+    llama_output(verbose)
     chosen = choose_model(RichProgress())
     label = "[bold yellow]SYNTHETIC model, random weights: the output below is gibberish by design[/]" if chosen.synthetic else "[green]real model[/]"
     err.print(f"model: {chosen.path}\n  {escape(chosen.why)}\n  {label}")
@@ -353,7 +353,7 @@ def serve(
     from .server import Limits
     from .server import serve as run_server
 
-    show_llama_log(verbose)
+    llama_output(verbose)
     path = resolve_model(model)
     run_server(
         path, host=host, port=port, api_key=api_key, parallel=parallel, n_ctx=ctx_size, threads=threads,
@@ -395,6 +395,7 @@ def bench(
     n_gen: Annotated[int, typer.Option("--n-gen", min=1, help="Tokens of the tg test.")] = 128,
     reps: Annotated[int, typer.Option("--reps", "-r", min=1, help="Repetitions (after one warm-up).")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Measure speed like llama-bench: load time, pp512 and tg128 tokens/s (mean ± stdev), peak RSS.
 
@@ -410,6 +411,7 @@ def bench(
 
     from .bench import bench as run_bench
 
+    llama_output(verbose)
     results = []
     paths = _models(model, quant, directory)
     for path in paths:
@@ -419,12 +421,13 @@ def bench(
     if as_json:
         out.print_json(json.dumps([r.as_dict() for r in results]))
         return
-    table = Table(title=f"pp{n_prompt} / tg{n_gen}, {reps} reps")
-    for col in ("model", "GiB", "threads", "gpu layers", "repack", "load s", f"pp{n_prompt} t/s", f"tg{n_gen} t/s", "gen t/s", "peak RSS MB"):
+    r0 = results[0]
+    table = Table(title=f"pp{n_prompt} / tg{n_gen}, {reps} reps, {r0.threads} threads, repack {'on' if r0.repack else 'off'}")
+    for col in ("model", "GiB", "GPU layers", "load s", f"pp{n_prompt} t/s", f"tg{n_gen} t/s", "gen t/s", "peak RSS MB"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in results:
-        table.add_row(r.model, f"{r.size_bytes / 2**30:.2f}", str(r.threads), str(r.gpu_layers), "on" if r.repack else "off",
-                      f"{r.load_s:.2f}", f"{r.pp_tps:.1f} ± {r.pp_std:.1f}", f"{r.tg_tps:.2f} ± {r.tg_std:.2f}", f"{r.gen_tps:.2f}", f"{r.peak_rss_mb:.0f}")
+        table.add_row(r.model.removesuffix(".gguf"), f"{r.size_bytes / 2**30:.2f}", str(r.gpu_layers), f"{r.load_s:.2f}",
+                      f"{r.pp_tps:.1f} ± {r.pp_std:.1f}", f"{r.tg_tps:.2f} ± {r.tg_std:.2f}", f"{r.gen_tps:.2f}", f"{r.peak_rss_mb:.0f}")
     out.print(table)
 
 
@@ -438,6 +441,7 @@ def evaluate(
     fim_tasks: Annotated[int, typer.Option("--fim-tasks", min=0, help="Single-line infill tasks.")] = 10,
     threads: Threads = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Quantization quality on code: KL divergence, top-1 agreement, Δ cross-entropy, FIM exact match.
 
@@ -453,6 +457,7 @@ def evaluate(
 
     from .evaluate import evaluate as run_eval
 
+    llama_output(verbose)
     if reference is None:
         base = directory or Path(".")
         reference = next((base / f"Refact-1_6B-fim.{t}.gguf" for t in ("F32", "F16") if (base / f"Refact-1_6B-fim.{t}.gguf").is_file()), None)

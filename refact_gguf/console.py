@@ -60,12 +60,19 @@ class RichProgress(Progress):
             err.print(f"[green]✓[/] {message}")
 
 
-def show_llama_log(verbose: bool) -> None:
-    """llama.cpp's raw log goes to stderr only with --verbose."""
+def llama_output(verbose: bool) -> None:
+    """What a command shows of llama.cpp: its raw log on stderr only with --verbose, and a
+    warning when the installed build is known to crash or run slow on this machine."""
+    from rich.markup import escape
+
     from .llama_log import logger
+    from .loader import build_problems
 
     if verbose and not any(isinstance(h, RichHandler) for h in logger.handlers):
         handler = RichHandler(console=err, show_time=False, show_path=False, markup=False)
         handler.setFormatter(logging.Formatter("llama.cpp: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
+    for problem in build_problems():
+        err.print(f"[yellow]warning:[/] llama.cpp build problem: {escape(problem)}", soft_wrap=True)
+        err.print("  → rebuild it: bash scripts/setup.sh", soft_wrap=True)

@@ -13,6 +13,7 @@ import platform
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import gguf
 import llama_cpp
@@ -181,17 +182,66 @@ _FEATURE_FLAGS = {
 
 
 def build_problems() -> list[str]:
-    """Why this llama.cpp build is wrong for this CPU: instructions it lacks (a wheel built
-    elsewhere, reused from pip's cache), or AMX on an AMX CPU (llama.cpp#20824)."""
+    """Why this llama.cpp build is wrong for this machine: instructions the CPU lacks (a wheel built
+    elsewhere, reused from pip's cache), AMX on an AMX CPU (llama.cpp#20824), or a backend library
+    carrying its own copy of the C++ runtime."""
+    problems = [f"{lib.name} exports its own copy of libstdc++ (std::locale): models can crash while loading, "
+                "in std::regex (rebuild with -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL)"
+                for lib in _backend_libraries() if _exports_libstdcxx(lib)]
     flags = cpu_flags()
     if not flags:
-        return []
+        return problems
     info = system_info()
-    problems = [f"built with {feat} but this CPU lacks it" for feat, flag in _FEATURE_FLAGS.items()
-                if f" {feat} = 1" in f" {info}" and flag not in flags]
+    problems += [f"built with {feat} but this CPU lacks it" for feat, flag in _FEATURE_FLAGS.items()
+                 if f" {feat} = 1" in f" {info}" and flag not in flags]
     if cpu_has_amx() and build_has_amx():
         problems.append("built with AMX on an AMX CPU: K-quants crash in ggml_backend_amx_mul_mat")
     return problems
+
+
+def _backend_libraries() -> list[Path]:
+    """ggml's shared libraries beside the libllama that llama_cpp loaded."""
+    libllama = Path(getattr(llama_cpp.llama_cpp._lib, "_name", "") or "")
+    if not libllama.is_file():
+        return []
+    return sorted({p.resolve() for p in libllama.parent.glob("libggml*.so")})
+
+
+# Members of libstdc++'s locale machinery: only libstdc++ itself defines them. A CUDA build linked
+# against CUDA's static runtime can carry (and export) a second copy; libllama's std::regex then
+# mixes the two copies' facet tables and crashes (seen on CUDA 13, H100 host: SIGSEGV in
+# _BracketMatcher::_M_ready during vocabulary load, depending on import order).
+_LIBSTDCXX_PREFIXES = ("_ZNSt6locale", "_ZNKSt6locale", "_ZNSt7codecvt", "_ZNKSt7codecvt", "_ZNKSt19__codecvt_utf8_base")
+
+
+def _exports_libstdcxx(path: Path) -> bool:
+    return any(name.startswith(_LIBSTDCXX_PREFIXES) for name in _defined_dynamic_symbols(path))
+
+
+def _defined_dynamic_symbols(path: Path) -> Iterator[str]:
+    """Names of the symbols an ELF64 little-endian shared library defines in .dynsym (none for
+    any other format): its section headers and two sections are read, not the whole file."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:6] != b"\x7fELF\x02\x01":
+            return
+        (shoff,) = struct.unpack_from("<Q", head, 0x28)
+        shentsize, shnum = struct.unpack_from("<HH", head, 0x3A)
+        f.seek(shoff)
+        table = f.read(shentsize * shnum)
+        # Elf64_Shdr: name, type, flags, addr, offset, size, link, info, addralign, entsize
+        sections = [struct.unpack_from("<IIQQQQIIQQ", table, i * shentsize) for i in range(len(table) // shentsize)]
+        for _, sh_type, _, _, offset, size, link, *_ in sections:
+            if sh_type != 11 or link >= len(sections):  # SHT_DYNSYM, and its string table
+                continue
+            f.seek(sections[link][4])
+            names = f.read(sections[link][5])
+            f.seek(offset)
+            symbols = f.read(size)
+            for at in range(0, len(symbols) - 23, 24):  # Elf64_Sym: name, info, other, shndx, value, size
+                name_at, _, _, shndx = struct.unpack_from("<IBBH", symbols, at)
+                if shndx and name_at:  # SHN_UNDEF (0) = imported, not defined here
+                    yield names[name_at:names.find(b"\0", name_at)].decode(errors="replace")
 
 
 def repack_safe() -> bool:

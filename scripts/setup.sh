@@ -27,6 +27,14 @@ if [ "$(uname -m)" = "x86_64" ] && grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; 
     say "AMX CPU: building llama.cpp without AMX (CMAKE_ARGS=$CMAKE_ARGS)"
 fi
 
+# A CUDA build links CUDA's static runtime into libggml-cuda.so and (CUDA 13) exports a second copy
+# of libstdc++ from it; libllama's std::regex then crashes while loading a model, depending on
+# import order. Keep what static archives bring in private to the library.
+if [[ "${CMAKE_ARGS:-}" =~ GGML_CUDA=(on|ON|On|1|true|TRUE) ]]; then
+    export CMAKE_ARGS="$CMAKE_ARGS -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL"
+    say "CUDA build: static runtime symbols kept private (CMAKE_ARGS=$CMAKE_ARGS)"
+fi
+
 if ! $VPY -c "import llama_cpp" 2>/dev/null; then
     say "installing $LLAMA_CPP_PYTHON (compiles llama.cpp: about 5 minutes on 2 cores, once)"
     $VPY -m pip install -q "$LLAMA_CPP_PYTHON"
@@ -35,7 +43,7 @@ say "installing refact-gguf"
 if [ $DEV = 1 ]; then $VPY -m pip install -q -e ".[test]"; else $VPY -m pip install -q -e .; fi
 
 # pip's wheel cache ignores CMAKE_ARGS: a wheel built with other flags (or on another CPU) is
-# reused silently. Check what we got against this CPU, and rebuild once if it is wrong.
+# reused silently. Check what we got against this machine, and rebuild once if it is wrong.
 if ! $VPY -m refact_gguf.loader >/dev/null; then
     say "the installed llama.cpp does not suit this CPU: rebuilding without pip's cache"
     $VPY -m pip install -q --no-cache-dir --force-reinstall --no-deps "$LLAMA_CPP_PYTHON"

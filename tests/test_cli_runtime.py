@@ -78,3 +78,15 @@ def test_split_at_cursor():
     with pytest.raises(RefactGGUFError, match="--file needs --line"):
         read_fim_input(None, None, None, None, "x.py", None, 1)
     assert read_fim_input(None, None, None, None, None, None, 1, stdin=io.StringIO("ab<CURSOR>cd")) == ("ab", "cd")
+
+
+def test_a_known_bad_llama_build_is_named_before_it_can_crash(q4_model, monkeypatch):
+    # e.g. a CUDA build exporting its own libstdc++, or AMX on an AMX CPU: the user is told
+    # what is wrong and how to fix it; the command still runs.
+    from refact_gguf import loader
+
+    monkeypatch.setattr(loader, "build_problems", lambda: ["libggml-cuda.so exports its own copy of libstdc++"])
+    r = runner.invoke(app, ["run", "--fim", "--prefix", "x = ", "--suffix", "\n", "-m", str(q4_model), "-n", "2"])
+    assert r.exit_code == 0, r.output
+    assert "warning: llama.cpp build problem: libggml-cuda.so exports its own copy of libstdc++" in r.stderr
+    assert "bash scripts/setup.sh" in r.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
+from refact_gguf import loader
 from refact_gguf.engine import Model
 from refact_gguf.errors import ModelFileError
 from refact_gguf.loader import inspect
@@ -54,3 +56,29 @@ def test_cli_on_corrupt_file_exits_cleanly(q4_model, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "truncated" in proc.stderr and "Traceback" not in proc.stderr
+
+
+CXX_USING_REGEX = '#include <regex>\nextern "C" int f(const char *s) { return std::regex_match(s, std::regex("[a-z]+")); }\n'
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_detects_a_backend_that_carries_its_own_libstdcxx(tmp_path):
+    # The CUDA 13 build that crashed in std::regex exported libstdc++'s locale machinery from
+    # libggml-cuda.so; --exclude-libs,ALL (what setup.sh adds to CUDA builds) hides it.
+    src = tmp_path / "x.cpp"
+    src.write_text(CXX_USING_REGEX)
+    built = {}
+    for name, flags in {"static": ["-static-libstdc++"], "hidden": ["-static-libstdc++", "-Wl,--exclude-libs,ALL"], "shared": []}.items():
+        built[name] = tmp_path / f"libggml-{name}.so"
+        subprocess.run(["g++", "-shared", "-fPIC", *flags, str(src), "-o", str(built[name])], check=True)
+    assert loader._exports_libstdcxx(built["static"])
+    assert not loader._exports_libstdcxx(built["hidden"])
+    assert not loader._exports_libstdcxx(built["shared"])
+    assert not loader._exports_libstdcxx(src)  # not ELF: nothing to report
+
+
+def test_installed_llama_cpp_has_no_build_problem():
+    # What setup.sh checks after installing: this build suits this machine.
+    libs = loader._backend_libraries()
+    assert any(p.name.startswith("libggml-base") for p in libs)
+    assert loader.build_problems() == []
