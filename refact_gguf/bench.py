@@ -2,20 +2,24 @@
 
 The method is llama-bench's, so figures compare: a warm-up run, then `reps` runs of each test on
 an emptied KV cache; pp decodes `n_prompt` random tokens as one batch, tg decodes `n_gen` tokens
-one at a time; tokens/s is reported as mean ± stdev over the runs. Each model runs in a fresh
-process, so load time and peak RSS are its own.
+one at a time; tokens/s is reported as mean ± stdev over the runs. When several models are
+measured, each runs in a fresh process, so load time and peak RSS are its own.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import json
 import os
 import resource
+import signal
 import statistics
+import subprocess
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .errors import RefactGGUFError
 
 
 @dataclass(frozen=True)
@@ -115,5 +119,27 @@ def bench(path: Path, threads: int | None = None, gpu_layers: str | int = 0, n_p
     args = (str(path), threads, gpu_layers, n_prompt, n_gen, reps)
     if not isolate:
         return _bench_in_process(*args)
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_bench_in_process, *args).result()
+    # A fresh interpreter; if llama.cpp crashes in it, the caller gets a one-line error naming the
+    # model and the signal instead of a broken process pool.
+    proc = subprocess.run([sys.executable, "-m", "refact_gguf.bench", json.dumps(args)], capture_output=True, text=True)
+    last = (proc.stdout.strip().splitlines() or [""])[-1]  # anything llama.cpp printed comes before
+    reply = json.loads(last) if last.startswith("{") else {}
+    if "error" in reply:  # the child's own one-line error, passed on as it is
+        raise RefactGGUFError(reply["error"], reply["hint"])
+    if proc.returncode != 0 or not reply:
+        signame = next((sig.name for sig in signal.Signals if sig == -proc.returncode), str(-proc.returncode))
+        how = f"signal {signame}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+        lines = proc.stderr.strip().splitlines()
+        # faulthandler's dump ends in a stack; its first line says what happened
+        why = next((ln for ln in lines if ln.startswith("Fatal Python error")), lines[-1] if lines else "")
+        raise RefactGGUFError(f"benchmarking {path.name} failed ({how}){': ' + why if why else ''}",
+                              f"run it alone for the full log: refact-gguf bench -m {path} --verbose")
+    return BenchResult(**reply)
+
+
+if __name__ == "__main__":  # the isolated child of bench(): one JSON object on stdout
+    try:
+        print(json.dumps(_bench_in_process(*json.loads(sys.argv[1])).as_dict()))
+    except RefactGGUFError as e:
+        print(json.dumps({"error": e.message, "hint": e.hint}))
+        sys.exit(1)

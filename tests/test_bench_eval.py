@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from typer.testing import CliRunner
 
 from refact_gguf.bench import bench
 from refact_gguf.cli import app
+from refact_gguf.errors import RefactGGUFError
 from refact_gguf.evaluate import evaluate, fim_tasks
 
 
@@ -45,3 +47,22 @@ def test_bench_cli_json(q4_model):
     r = CliRunner().invoke(app, ["bench", "-m", str(q4_model), "-p", "16", "--n-gen", "4", "-r", "1", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)[0]["model"] == q4_model.name
+
+
+def test_bench_isolated_child_error_reaches_the_caller(q4_model):
+    # Several models run one process each; a failure there must come back as the child's own
+    # one-line error, not a traceback or a broken pool.
+    with pytest.raises(RefactGGUFError, match="--gpu-layers 'lots'"):
+        bench(q4_model, threads=2, gpu_layers="lots", n_prompt=8, n_gen=2, reps=1, isolate=True)
+
+
+def test_bench_child_killed_by_a_signal_is_a_one_line_error(q4_model, tmp_path, monkeypatch):
+    # What a llama.cpp crash in the child looks like to the caller (a CUDA build with its own
+    # libstdc++ did this on the H100 host): the model, the signal, faulthandler's headline.
+    crashing = tmp_path / "python"
+    crashing.write_text("#!/bin/sh\necho 'Fatal Python error: Segmentation fault' >&2\necho '  File x' >&2\nkill -SEGV $$\n")
+    crashing.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(crashing))
+    with pytest.raises(RefactGGUFError, match=rf"{q4_model.name} failed \(signal SIGSEGV\): Fatal Python error: Segmentation fault") as e:
+        bench(q4_model, threads=2, n_prompt=8, n_gen=2, reps=1, isolate=True)
+    assert "refact-gguf bench -m" in e.value.hint
