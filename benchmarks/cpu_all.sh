@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CPU benchmark of docs/benchmarks.md, in order, on this machine (2 cores: ~60 minutes).
+# Every CPU benchmark of docs/benchmarks.md, in order, on this machine (2 cores: ~75 minutes).
 #   bash benchmarks/cpu_all.sh /tmp/refact-full > /tmp/cpu_all.log 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,10 +22,10 @@ log "conversion + imatrix + 22 quants"
 $PY benchmarks/convert_full.py --work "$W" --json "$W/convert.json"
 Q="$W/gguf/q"
 
-log "bench vs llama-bench ($T threads)"
-for q in Q4_K_M Q8_0; do
-    $PY -m refact_gguf.cli bench -m "$Q/Refact-1_6B-fim.$q.gguf" -t $T --json
-    "$W/lb/bin/llama-bench" -m "$Q/Refact-1_6B-fim.$q.gguf" -t $T -p 512 -n 128 -r 5 -o md
+log "bench vs llama-bench ($T threads, alternating rounds)"
+$PY benchmarks/overhead.py --llama-bench "$W/lb/bin/llama-bench" --threads $T --rounds 5 --json "$W/overhead.json" \
+    --model "$Q/Refact-1_6B-fim.Q4_K_M.gguf" --model "$Q/Refact-1_6B-fim.Q8_0.gguf"
+for q in Q4_K_M Q8_0; do  # what repacking is worth on this CPU
     "$W/lb/bin/llama-bench" -m "$Q/Refact-1_6B-fim.$q.gguf" -t $T -p 512 -n 128 -r 5 --repack 0 -o md
 done
 
