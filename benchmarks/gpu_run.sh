@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (no network): build llama.cpp with CUDA for sm_90 from the sources in
 # llama-cpp-python's sdist, make a full-size synthetic model, then
-#   1. refact-gguf bench vs llama-bench (same build) on Q4_K_M, Q8_0, F16, all layers offloaded;
+#   1. refact-gguf bench vs llama-bench (same build) on Q4_K_M, Q8_0, F16, all layers offloaded,
+#      in alternating rounds (benchmarks/overhead.py);
 #   2. the typing replay against our server and against llama-server (--cache-reuse 256 --spm-infill).
+#   bash benchmarks/gpu_run.sh [all|bench|replay]
 # Results land in $OUT as they are made. Needs, carried beside the repo (see docs/benchmarks.md):
 #   .whl/  wheels for Python 3.12 (gguf, typer, rich, fastapi, uvicorn, httpx, nvidia-ml-py, …)
 #   .sdist/llama-src.tar.gz  llama-cpp-python 0.3.36's sdist, trimmed of docs/models/tests
 set -uo pipefail
+STEPS=${1:-all}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 T0=$(date +%s)
@@ -23,7 +26,8 @@ log "build llama.cpp (CUDA sm_90)"
 [ -x /tmp/lb/bin/llama-server ] || cmake -S "$SRC" -B /tmp/lb -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL" > /tmp/build.log 2>&1
-cmake --build /tmp/lb --target llama llama-bench llama-server -j 16 > /tmp/build.log 2>&1 || { log "build failed"; tail -30 /tmp/build.log; exit 1; }
+TARGETS="llama llama-bench"; [ "$STEPS" = bench ] || TARGETS="$TARGETS llama-server"
+cmake --build /tmp/lb --target $TARGETS -j 16 > /tmp/build.log 2>&1 || { log "build failed"; tail -30 /tmp/build.log; exit 1; }
 export LLAMA_CPP_LIB_PATH=/tmp/lb/bin LD_LIBRARY_PATH=/tmp/lb/bin
 python3 -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode()); print('gpu offload:', llama_cpp.llama_supports_gpu_offload())" | tee -a "$OUT/steps.log"
 
@@ -34,17 +38,20 @@ from convert import convert
 from refact_gguf import catalog
 from refact_gguf.synthetic import SyntheticSpec, write_checkpoint
 write_checkpoint(Path("/tmp/hf"), SyntheticSpec.full_size(dtype="float16"))
-convert(Path("/tmp/hf"), Path("/tmp/m"), "f16", catalog.load().select("Q4_K_M,Q8_0"), threads=16)
+convert(Path("/tmp/hf"), Path("/tmp/m"), "f16", catalog.load().select("Q4_K_M,Q8_0"), threads=16, use_imatrix=False)  # speed does not depend on it
 EOF
 ls -la /tmp/m | tee -a "$OUT/steps.log"
 
-log "bench: refact-gguf vs llama-bench"
-for q in Q4_K_M Q8_0 F16; do
-    m=/tmp/m/Refact-1_6B-fim.$q.gguf
-    python3 -m refact_gguf.cli bench -m "$m" --gpu-layers 99 -t 16 --json >> "$OUT/bench_ours.jsonl" 2>>"$OUT/steps.log"
-    /tmp/lb/bin/llama-bench -m "$m" -ngl 99 -t 16 -p 512 -n 128 -r 5 -o jsonl >> "$OUT/bench_llama.jsonl" 2>>"$OUT/steps.log"
-    log "$q done"
-done
+if [ "$STEPS" != replay ]; then
+    log "bench: refact-gguf vs llama-bench, alternating rounds"
+    M=/tmp/m/Refact-1_6B-fim
+    python3 benchmarks/overhead.py --llama-bench /tmp/lb/bin/llama-bench --gpu-layers 99 --threads 16 --rounds 4 \
+        --model $M.Q4_K_M.gguf --model $M.Q8_0.gguf --model $M.F16.gguf --json "$OUT/overhead.json" \
+        > "$OUT/overhead.md" 2>> "$OUT/steps.log"
+    cat "$OUT/overhead.md"
+    log "bench done"
+fi
+[ "$STEPS" = bench ] && exit 0
 
 log "typing replay"
 M=/tmp/m/Refact-1_6B-fim.Q4_K_M.gguf

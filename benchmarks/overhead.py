@@ -66,6 +66,9 @@ def time_outside_decode(model: Path, args) -> float:
                 t = time.perf_counter()
                 for tok in tokens:
                     ctx.decode_one(tok)
+                t_sync = time.perf_counter()
+                ctx.synchronize()  # a GPU's queued work is llama.cpp's time
+                inside += time.perf_counter() - t_sync
                 shares.append((time.perf_counter() - t - inside) / args.n_gen)
         finally:
             llama_cpp.llama_decode = decode

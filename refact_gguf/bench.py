@@ -35,6 +35,7 @@ class BenchResult:
     tg_tps: float
     tg_std: float
     gen_tps: float  # generation through the runtime's whole per-token path (sampling, text, stop rules)
+    gen_std: float
     peak_rss_mb: float
     n_prompt: int
     n_gen: int
@@ -84,26 +85,27 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
         ctx.synchronize()
         return n_gen / (time.perf_counter() - t)
 
-    results = {}
-    for name, test in (("pp", run_pp), ("tg", run_tg)):
+    def mean_std(test) -> tuple[float, float]:
         test()  # warm-up, as llama-bench does
         runs = [test() for _ in range(reps)]
-        results[name] = (statistics.mean(runs), statistics.stdev(runs) if len(runs) > 1 else 0.0)
+        return statistics.mean(runs), statistics.stdev(runs) if len(runs) > 1 else 0.0
+
+    results = {"pp": mean_std(run_pp), "tg": mean_std(run_tg)}
     ctx.close()
     # What a user gets: greedy generation with detokenization and the FIM stop rules' callback.
     with Runtime(model, n_ctx=n_prompt + n_gen + 16, threads=threads) as rt:
-        runs = []
-        for _ in range(2):
+        def run_gen() -> float:
             rt.cached = []
             rt.ctx.reset()
             done = rt.generate(prompt[:16], n_gen, accept=lambda text: False)
-            runs.append(done.tokens_predicted / (done.predicted_ms / 1e3) if done.predicted_ms else 0.0)
-        gen_tps = runs[-1]
+            return done.tokens_predicted / (done.predicted_ms / 1e3) if done.predicted_ms else 0.0
+
+        results["gen"] = mean_std(run_gen)
     model.close()
     return BenchResult(
         model=Path(path).name, size_bytes=Path(path).stat().st_size, threads=threads, gpu_layers=n_gpu,
         repack=repack_safe(), load_s=load_s, pp_tps=results["pp"][0], pp_std=results["pp"][1],
-        tg_tps=results["tg"][0], tg_std=results["tg"][1], gen_tps=gen_tps,
+        tg_tps=results["tg"][0], tg_std=results["tg"][1], gen_tps=results["gen"][0], gen_std=results["gen"][1],
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         n_prompt=n_prompt, n_gen=n_gen, reps=reps,
     )

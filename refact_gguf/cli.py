@@ -427,7 +427,7 @@ def bench(
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in results:
         table.add_row(r.model.removesuffix(".gguf"), f"{r.size_bytes / 2**30:.2f}", str(r.gpu_layers), f"{r.load_s:.2f}",
-                      f"{r.pp_tps:.1f} ± {r.pp_std:.1f}", f"{r.tg_tps:.2f} ± {r.tg_std:.2f}", f"{r.gen_tps:.2f}", f"{r.peak_rss_mb:.0f}")
+                      f"{r.pp_tps:.1f} ± {r.pp_std:.1f}", f"{r.tg_tps:.2f} ± {r.tg_std:.2f}", f"{r.gen_tps:.2f} ± {r.gen_std:.2f}", f"{r.peak_rss_mb:.0f}")
     out.print(table)
 
 

@@ -116,7 +116,16 @@ class Context:
             raise RefactGGUFError(f"llama.cpp could not create a context of {n_ctx} tokens", "try a smaller --ctx")
         self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
         self.n_batch = n_batch
-        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._batch = b = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        # One sequence, always: its fields are set once. Tokens, positions and output flags are
+        # written through numpy views, a slice per batch: item by item through ctypes cost
+        # 0.23 ms per 512 tokens, 2% of a GPU's prompt time.
+        np.ctypeslib.as_array(b.n_seq_id, shape=(n_batch,))[:] = 1
+        for i in range(n_batch):
+            b.seq_id[i][0] = 0
+        self._tokens = np.ctypeslib.as_array(b.token, shape=(n_batch,))
+        self._pos = np.ctypeslib.as_array(b.pos, shape=(n_batch,))
+        self._outputs = np.ctypeslib.as_array(b.logits, shape=(n_batch,))
         self._all: list[np.ndarray] = []
         self.n_past = 0
 
@@ -150,14 +159,11 @@ class Context:
             if deadline is not None and start and time.perf_counter() > deadline:
                 return start
             chunk = tokens[start : start + self.n_batch]
-            last_chunk = start + self.n_batch >= len(tokens)
-            b.n_tokens = len(chunk)
-            for i, tok in enumerate(chunk):
-                b.token[i] = tok
-                b.pos[i] = self.n_past + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
-                b.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
+            n = b.n_tokens = len(chunk)
+            self._tokens[:n] = chunk
+            self._pos[:n] = np.arange(self.n_past, self.n_past + n)
+            self._outputs[:n] = all_logits
+            self._outputs[n - 1] |= start + n == len(tokens)  # the last token's logits, always
             status = llama_cpp.llama_decode(self.ptr, b)
             if status != 0:
                 raise RefactGGUFError(f"llama.cpp failed to evaluate the prompt (llama_decode returned {status})")
@@ -171,7 +177,7 @@ class Context:
         that change are written, so the per-token cost in Python stays a few microseconds."""
         b = self._batch
         if b.n_tokens != 1 or not b.logits[0]:
-            b.n_tokens, b.n_seq_id[0], b.seq_id[0][0], b.logits[0] = 1, 1, 0, True
+            b.n_tokens, b.logits[0] = 1, True
         b.token[0] = token
         b.pos[0] = self.n_past
         status = llama_cpp.llama_decode(self.ptr, b)

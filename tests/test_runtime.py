@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from refact_gguf import loader
@@ -97,3 +98,29 @@ def test_replaced_text_reevaluates_from_the_edit(rt):
     second = rt.complete(before + "VALUE = 41\n" + after, max_tokens=2)
     assert second.tokens_cached >= len(rt.tokenize(before))
     assert second.tokens_evaluated + second.tokens_cached == second.prompt_tokens
+
+
+def test_batches_split_anywhere_give_the_same_logits(converted_f32, sample_tokens):
+    # Prompts longer than a batch are decoded in slices; positions and output flags are written
+    # per slice, so every split must give what one batch gives, up to rounding: the f16 KV cache
+    # and attention tiles differ with the batch size (~3e-3 here, f32 weights); a wrong position
+    # or a missing output flag is far off (both checked to fail).
+    from refact_gguf.engine import Context, Model
+
+    tokens = sample_tokens[:70]
+    with Model(converted_f32.base) as model:
+        whole = Context(model, n_ctx=128, n_batch=128, threads=2)
+        split = Context(model, n_ctx=128, n_batch=16, threads=2)
+        try:
+            assert np.allclose(whole.eval(tokens), split.eval(tokens), atol=2e-2)
+            whole.reset()
+            split.reset()
+            all_whole, all_split = whole.eval(tokens, all_logits=True), split.eval(tokens, all_logits=True)
+            assert all_whole.shape == all_split.shape == (70, model.n_vocab)
+            assert np.allclose(all_whole, all_split, atol=2e-2)
+            split.decode_one(tokens[0])  # after a batch, the one-token path still has its fields right
+            whole.decode_one(tokens[0])
+            assert np.allclose(whole.logits_last(), split.logits_last(), atol=2e-2)
+        finally:
+            whole.close()
+            split.close()
