@@ -116,11 +116,11 @@ def bench(path: Path, threads: int | None = None, gpu_layers: str | int = 0, n_p
     """Benchmark one GGUF; `isolate` runs it in a fresh process (clean load time and RSS)."""
     from .loader import inspect
 
-    inspect(path)  # a clear error here rather than a crash in the child
     threads = threads or os.cpu_count() or 1
     args = (str(path), threads, gpu_layers, n_prompt, n_gen, reps)
     if not isolate:
-        return _bench_in_process(*args)
+        return _bench_in_process(*args)  # its load validates the file
+    inspect(path)  # a bad file is a clear error here, before a child is started
     # A fresh interpreter; if llama.cpp crashes in it, the caller gets a one-line error naming the
     # model and the signal instead of a broken process pool.
     proc = subprocess.run([sys.executable, "-m", "refact_gguf.bench", json.dumps(args)], capture_output=True, text=True)
