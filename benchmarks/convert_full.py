@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 from refact_gguf import catalog
-from refact_gguf.synthetic import SyntheticSpec, write_checkpoint
+from refact_gguf.convert.synthetic import SyntheticSpec, write_checkpoint
 
 CHILD = """
 import sys, time, json
 from pathlib import Path
-from convert import convert
+from refact_gguf.convert import convert
 from refact_gguf import catalog
 hf, out, quants = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 r = convert(hf, out, "f16", catalog.load().select(quants) if quants else [])

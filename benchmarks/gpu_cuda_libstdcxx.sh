@@ -27,9 +27,9 @@ nvcc --version | tail -1 | tee -a "$OUT/steps.log"
 export LLAMA_CPP_LIB_PATH=/tmp/lib-private LD_LIBRARY_PATH=/tmp/lib-private
 python3 - <<'EOF'
 from pathlib import Path
-from convert import convert
+from refact_gguf.convert import convert
 from refact_gguf import catalog
-from refact_gguf.synthetic import SyntheticSpec, write_checkpoint
+from refact_gguf.convert.synthetic import SyntheticSpec, write_checkpoint
 write_checkpoint(Path("/tmp/hf"), SyntheticSpec())
 convert(Path("/tmp/hf"), Path("/tmp/m"), "f16", catalog.load().select("Q4_K_M,Q8_0"), threads=16, use_imatrix=False)
 EOF

@@ -34,9 +34,9 @@ python3 -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode()
 log "full-size synthetic model → F16, Q4_K_M, Q8_0"
 [ -f /tmp/m/Refact-1_6B-fim.Q8_0.gguf ] || python3 - <<'EOF'
 from pathlib import Path
-from convert import convert
+from refact_gguf.convert import convert
 from refact_gguf import catalog
-from refact_gguf.synthetic import SyntheticSpec, write_checkpoint
+from refact_gguf.convert.synthetic import SyntheticSpec, write_checkpoint
 write_checkpoint(Path("/tmp/hf"), SyntheticSpec.full_size(dtype="float16"))
 convert(Path("/tmp/hf"), Path("/tmp/m"), "f16", catalog.load().select("Q4_K_M,Q8_0"), threads=16, use_imatrix=False)  # speed does not depend on it
 EOF

@@ -42,7 +42,7 @@ def time_outside_decode(model: Path, args) -> float:
     import llama_cpp
     import numpy as np
 
-    from refact_gguf import engine
+    from refact_gguf import llama
 
     inside = 0.0
     decode = llama_cpp.llama_decode
@@ -54,10 +54,10 @@ def time_outside_decode(model: Path, args) -> float:
         inside += time.perf_counter() - t
         return status
 
-    with engine.Model(model, args.gpu_layers) as m:
-        ctx = engine.Context(m, n_ctx=args.n_gen + 8, threads=args.threads)
+    with llama.Model(model, args.gpu_layers) as m:
+        ctx = llama.Context(m, n_ctx=args.n_gen + 8, threads=args.threads)
         tokens = np.random.default_rng(0).integers(100, m.n_vocab - 100, args.n_gen).tolist()
-        llama_cpp.llama_decode = timed_decode  # engine calls it through the module
+        llama_cpp.llama_decode = timed_decode  # llama.py calls it through the module
         try:
             shares = []
             for _ in range(args.reps + 1):

@@ -43,14 +43,14 @@ def requests(order: str, keystrokes: int, n_predict: int, n_indent: int) -> list
 def start_server(model: Path, threads: int, n_ctx: int, gpu_layers: str) -> str:
     import uvicorn
 
-    from refact_gguf.engine import Model
-    from refact_gguf.runtime import Runtime, gpu_layers as resolve
+    from refact_gguf.engine import Engine
+    from refact_gguf.llama import Model
+    from refact_gguf.select import gpu_layers as resolve
     from refact_gguf.server import create_app
 
     m = Model(model, resolve(gpu_layers, model))
-    rt = Runtime(m, n_ctx=n_ctx, threads=threads)
-    rt.warmup()  # as `refact-gguf serve` does at start
-    app = create_app([rt], model.name)
+    engine = Engine(m, n_ctx=n_ctx, threads=threads).start()  # warmed up, as `refact-gguf serve` does
+    app = create_app(engine, model.name)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

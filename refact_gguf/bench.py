@@ -50,10 +50,11 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
 
     import numpy as np
 
-    from .engine import Context, Model
+    from .llama import Context, Model
     from .loader import repack_safe
     from .runtime import Runtime
-    from .runtime import gpu_layers as resolve_gpu_layers
+    from .select import gpu_layers as resolve_gpu_layers
+    from .tasks import Task
 
     if not faulthandler.is_enabled():
         try:
@@ -95,9 +96,8 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
     # What a user gets: greedy generation with detokenization and the FIM stop rules' callback.
     with Runtime(model, n_ctx=n_prompt + n_gen + 16, threads=threads) as rt:
         def run_gen() -> float:
-            rt.cached = []
-            rt.ctx.reset()
-            done = rt.generate(prompt[:16], n_gen, accept=lambda text: False)
+            rt.slot.clear()
+            done = rt.run(Task(prompt[:16], n_gen))
             return done.tokens_predicted / (done.predicted_ms / 1e3) if done.predicted_ms else 0.0
 
         results["gen"] = mean_std(run_gen)
@@ -145,3 +145,56 @@ if __name__ == "__main__":  # the isolated child of bench(): one JSON object on 
     except RefactGGUFError as e:
         print(json.dumps({"error": e.message, "hint": e.hint}))
         sys.exit(1)
+
+
+@dataclass(frozen=True)
+class BatchedResult:
+    """One row of llama-batched-bench's table, measured through the engine."""
+
+    parallel: int
+    n_prompt: int
+    n_gen: int
+    prompt_s: float  # every sequence's prompt in, batched
+    gen_s: float  # then n_gen tokens for every sequence, one step each
+    generated: int  # tokens actually generated (a sequence may end early at an end token)
+
+    @property
+    def pp_tps(self) -> float:
+        return self.parallel * self.n_prompt / self.prompt_s
+
+    @property
+    def tg_tps(self) -> float:
+        return self.generated / self.gen_s
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "pp_tps": self.pp_tps, "tg_tps": self.tg_tps}
+
+
+def batched(path: Path, parallel: list[int], n_prompt: int = 1500, n_gen: int = 16, threads: int | None = None,
+            gpu_layers: str | int = 0, n_ctx: int | None = None) -> list[BatchedResult]:
+    """llama-batched-bench's measure (`-npp n_prompt -ntg n_gen -npl parallel`, a KV stream per
+    sequence) through the serving engine: B different random prompts enter at once (each a
+    1-token task, so the cache keeps them), then the same B prompts generate `n_gen` tokens each,
+    every step one batched decode. Greedy; the engine's whole per-token path is timed."""
+    import numpy as np
+
+    from .engine import Engine
+    from .llama import Model
+    from .select import gpu_layers as resolve_gpu_layers
+    from .tasks import Task
+
+    rows = []
+    with Model(Path(path), resolve_gpu_layers(gpu_layers, Path(path))) as model:
+        rng = np.random.default_rng(0)
+        for b in parallel:
+            prompts = [rng.integers(100, model.n_vocab - 100, n_prompt).tolist() for _ in range(b)]
+            with Engine(model, n_ctx=n_ctx or n_prompt + n_gen + 8, parallel=b, threads=threads).start() as engine:
+                t0 = time.perf_counter()
+                for h in [engine.submit(Task(p, 1)) for p in prompts]:
+                    h.wait()
+                t1 = time.perf_counter()
+                done = [h.wait() for h in [engine.submit(Task(p, n_gen + 1)) for p in prompts]]
+                t2 = time.perf_counter()
+            # n_gen + 1 steps of B tokens: the prompt's last token again (its logits were not kept), then n_gen
+            rows.append(BatchedResult(b, n_prompt, n_gen, t1 - t0, t2 - t1, sum(c.tokens_predicted for c in done)))
+    return rows

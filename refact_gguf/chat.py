@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import RefactGGUFError
-from .tokens import CHAT_ROLES
+from .errors import InputError
+from .tokens import CHAT_ROLES, EMPTY_OUTPUT_ID
 
-EMPTY_OUTPUT_ID = 14
 Tokenize = Callable[[str], list[int]]
 
 
@@ -31,7 +30,7 @@ class ChatPrompt:
 
 def _turn(tokenize: Tokenize, m: Message) -> list[int]:
     if m.role not in CHAT_ROLES:
-        raise RefactGGUFError(f"unknown chat role {m.role!r}", f"use one of {', '.join(CHAT_ROLES)}")
+        raise InputError(f"unknown chat role {m.role!r}", f"use one of {', '.join(CHAT_ROLES)}")
     return [EMPTY_OUTPUT_ID, *tokenize(f"{CHAT_ROLES[m.role]} {m.content}\n")]
 
 
@@ -42,7 +41,7 @@ def build_prompt(tokenize: Tokenize, messages: list[Message], budget: int) -> Ch
     are never dropped.
     """
     if not messages:
-        raise RefactGGUFError("a chat needs at least one message")
+        raise InputError("a chat needs at least one message")
     opener = [EMPTY_OUTPUT_ID, *tokenize(CHAT_ROLES["assistant"])]
     system = [m for m in messages[:1] if m.role == "system"]
     rest = messages[len(system):]
@@ -53,7 +52,7 @@ def build_prompt(tokenize: Tokenize, messages: list[Message], budget: int) -> Ch
         turns.pop(0)
         dropped += 1
     if len(fixed) + sum(map(len, turns)) > budget:
-        raise RefactGGUFError(
+        raise InputError(
             f"the system prompt and the newest message need {len(fixed) + len(turns[0])} tokens; the context allows {budget}",
             "shorten the message or raise --ctx",
         )

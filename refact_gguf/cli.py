@@ -79,7 +79,8 @@ Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = 
 
 
 def _runtime(model: Optional[str], ctx_size: int, gpu_layers: str, threads: Optional[int]):
-    from .runtime import Runtime, resolve_model
+    from .runtime import Runtime
+    from .select import resolve_model
 
     path = resolve_model(model)
     err.print(f"[dim]model: {path}[/]")
@@ -123,7 +124,7 @@ def convert(
         refact-gguf convert ./Refact-1_6B-fim -o out --quant Q4_K_M,Q8_0
         refact-gguf convert ./Refact-1_6B-fim -o out --outtype f32 --quant all --calibration ~/src/app
     """
-    from convert import convert as run_convert
+    from .convert import convert as run_convert
 
     from .catalog import load
 
@@ -172,7 +173,7 @@ def run(
         refact-gguf run 'import numpy as np' -n 32
     """
     from .fimsource import read_fim_input
-    from .runtime import Sampling
+    from .tasks import Sampling
 
     llama_output(verbose)
     sampling = Sampling(temperature=temperature)
@@ -211,7 +212,7 @@ def chat(
         refact-gguf chat --message 'How do I sort a list in Python?'
     """
     from .chat import Message
-    from .runtime import Sampling
+    from .tasks import Sampling
 
     llama_output(verbose)
     history = [Message("system", system)]
@@ -258,18 +259,18 @@ def recommend(
     from rich.table import Table
 
     from .catalog import load
-    from .select import MARGIN, free_memory
+    from .select import MARGIN, fits, free_memory
     from .select import recommend as pick
 
     memory = free_memory()
     best, estimates = pick(memory, ctx_size, gpu)
-    budget = int((memory.vram_free if gpu else memory.ram_available) * MARGIN)
+    budget = memory.usable(gpu)
     if as_json:
         out.print_json(json.dumps({
             "recommended": best.name, "budget_bytes": budget, "ram_available": memory.ram_available,
             "vram_free": memory.vram_free, "n_ctx": ctx_size,
             "quants": [{"name": e.quant.name, "total": e.total, "weights": e.weights, "kv_cache": e.kv_cache,
-                        "compute": e.compute, "overhead": e.overhead, "fits": e.total <= budget} for e in estimates],
+                        "compute": e.compute, "overhead": e.overhead, "fits": fits(e, memory, gpu)} for e in estimates],
         }))
         return
     cat = load()
@@ -277,7 +278,7 @@ def recommend(
     for col in ("quant", "rank", "weights", "KV", "compute", "runtime", "total", "fits"):
         table.add_column(col, justify="left" if col in ("quant", "fits") else "right")
     for e in sorted(estimates, key=lambda e: e.quant.kld):
-        mark = "[bold green]best[/]" if e.quant == best else ("yes" if e.total <= budget else "[red]no[/]")
+        mark = "[bold green]best[/]" if e.quant == best else ("yes" if fits(e, memory, gpu) else "[red]no[/]")
         table.add_row(e.quant.name, str(cat.quality_rank(e.quant)), *(f"{v / 2**20:.0f}" for v in
                       (e.weights, e.kv_cache, e.compute, e.overhead, e.total)), mark)
     err.print(table)
@@ -349,7 +350,7 @@ def serve(
         refact-gguf serve -m Q4_K_M --port 8012 --parallel 2
         refact-gguf serve --api-key secret --host 0.0.0.0
     """
-    from .runtime import resolve_model
+    from .select import resolve_model
     from .server import Limits
     from .server import serve as run_server
 
@@ -367,7 +368,7 @@ QuantDir = Annotated[Optional[Path], typer.Option("--dir", help="Find --quant fi
 
 def _models(model: Optional[str], quant: Optional[str], directory: Optional[Path]) -> list[Path]:
     from .catalog import load
-    from .runtime import resolve_model
+    from .select import resolve_model
 
     if quant is None:
         return [resolve_model(model)]
@@ -394,16 +395,21 @@ def bench(
     n_prompt: Annotated[int, typer.Option("--n-prompt", "-p", min=1, help="Prompt tokens of the pp test.")] = 512,
     n_gen: Annotated[int, typer.Option("--n-gen", min=1, help="Tokens of the tg test.")] = 128,
     reps: Annotated[int, typer.Option("--reps", "-r", min=1, help="Repetitions (after one warm-up).")] = 5,
+    parallel: Annotated[Optional[str], typer.Option("--parallel", help="Batched decode through the serving engine, like llama-batched-bench: sequences per batch, comma-separated (1,8,32).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Measure speed like llama-bench: load time, pp512 and tg128 tokens/s (mean ± stdev), peak RSS.
+
+    With --parallel, like llama-batched-bench instead: B sequences of --n-prompt tokens enter the
+    serving engine at once, then each generates --n-gen tokens, one batched decode per step.
 
     **Examples**
 
         refact-gguf bench -m Q4_K_M
         refact-gguf bench --quant Q4_K_M,Q8_0 --dir out -t 2
         refact-gguf bench -m model.gguf --gpu-layers auto --json
+        refact-gguf bench -m model.gguf --gpu-layers 99 --parallel 1,8,32 -p 1500 --n-gen 16
     """
     import json
 
@@ -412,6 +418,24 @@ def bench(
     from .bench import bench as run_bench
 
     llama_output(verbose)
+    if parallel is not None:
+        from .bench import batched
+
+        try:
+            sizes = [int(x) for x in parallel.split(",")]
+        except ValueError:
+            raise typer.BadParameter(f"{parallel!r}: give numbers, e.g. 1,8,32", param_hint="--parallel") from None
+        rows = batched(_models(model, quant, directory)[0], sizes, n_prompt, n_gen, threads, gpu_layers)
+        if as_json:
+            out.print_json(json.dumps([r.as_dict() for r in rows]))
+            return
+        table = Table(title=f"batched: {n_prompt} prompt + {n_gen} generated tokens per sequence")
+        for col in ("B", "prompt s", "pp t/s", "gen s", "tg t/s", "generated"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(str(r.parallel), f"{r.prompt_s:.3f}", f"{r.pp_tps:.1f}", f"{r.gen_s:.3f}", f"{r.tg_tps:.1f}", str(r.generated))
+        out.print(table)
+        return
     results = []
     paths = _models(model, quant, directory)
     for path in paths:

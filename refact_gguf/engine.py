@@ -1,226 +1,266 @@
-"""A thin, allocation-free layer over llama.cpp's C API (through llama-cpp-python's ctypes binding).
+"""Continuous batching: one context, many sequences, one engine thread.
 
-The high-level `llama_cpp.Llama` cannot turn off the extra buffer types (needed on AMX CPUs) and
-does per-token Python work; this keeps the hot path in llama.cpp: one batch per prompt, logits
-read in place.
+The engine owns a llama.cpp context with `parallel` sequences (a KV stream each) and a `Slot` per
+sequence. Each step gathers the next token of every generating slot plus prompt chunks of newly
+admitted tasks, up to `n_batch` tokens, runs one `llama_decode`, then picks every slot's token from
+its own logits row, applies that task's stop rules and streams its text. Tasks enter and leave
+between steps; a cancelled one leaves at the next step. Nothing else touches the context, so a
+client that goes away can never race a decode.
+
+Admission: a waiting task goes to the idle slot whose cache shares the longest prefix of its
+prompt ids (the same file, one keystroke later), else to the least recently used slot.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
 import threading
 import time
-from pathlib import Path
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
 
-import llama_cpp
 import numpy as np
 
-from .errors import ModelFileError, RefactGGUFError
-from .loader import load_model
+from .errors import BusyError, RefactGGUFError
+from .llama import Context, Model
+from .runtime import REUSE_CHUNK, OnText, Slot
+from .tasks import Completion, Task
 
 
-class TokenCache:
-    """A small LRU of text → ids, shared by every slot on a model (thread-safe)."""
+class Handle:
+    """A submitted task: `cancel()` it, `wait()` for its Completion. Callbacks run on the
+    engine thread: `on_text` with each piece of text that is final, `on_done` once at the end."""
 
-    def __init__(self, size: int = 16):
-        self.size = size
-        self._items: dict[str, tuple[int, ...]] = {}
-        self._lock = threading.Lock()
+    def __init__(self, task: Task, on_text: OnText | None, on_done: Callable[[Handle], None] | None):
+        self.task, self.on_text, self.on_done = task, on_text, on_done
+        self.completion: Completion | None = None
+        self.error: RefactGGUFError | None = None
+        self.cancelled = False
+        self._done = threading.Event()
 
-    def get(self, text: str) -> tuple[int, ...] | None:
-        with self._lock:
-            ids = self._items.pop(text, None)
-            if ids is not None:
-                self._items[text] = ids  # most recent last
-            return ids
+    def cancel(self) -> None:
+        self.cancelled = True
 
-    def put(self, text: str, ids: list[int]) -> None:
-        with self._lock:
-            self._items[text] = tuple(ids)
-            while len(self._items) > self.size:
-                self._items.pop(next(iter(self._items)))
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
 
+    def wait(self, timeout: float | None = None) -> Completion:
+        if not self._done.wait(timeout):
+            raise TimeoutError("the task did not finish in time")
+        if self.error is not None:
+            raise self.error
+        return self.completion
 
-class Model:
-    """A loaded GGUF: vocabulary and weights. Close it (or use `with`) to free the memory."""
-
-    def __init__(self, path: Path, n_gpu_layers: int = 0, vocab_only: bool = False):
-        self.ptr = None  # set before anything can fail: __del__ runs on half-built objects too
-        self.path = Path(path)
-        self.ptr = load_model(self.path, n_gpu_layers, vocab_only)
-        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
-        self._piece = ctypes.create_string_buffer(256)
-        self.token_cache = TokenCache()
-        # Tokens that end a completion (end-of-generation and every other control token), as a
-        # set: checked per generated token without a call into llama.cpp.
-        self.stop_tokens = frozenset(
-            t for t in range(self.n_vocab)
-            if llama_cpp.llama_vocab_is_eog(self.vocab, t) or llama_cpp.llama_vocab_is_control(self.vocab, t)
-        ) if not vocab_only else frozenset()
-
-    def tokenize(self, text: str, special: bool = False) -> list[int]:
-        """Text → ids, no BOS. With special=False, "<fim_suffix>" in the text is plain text."""
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        buf = (llama_cpp.llama_token * cap)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, False, special)
-        if n < 0:  # cannot happen for byte-level BPE (≤ 1 token per byte), kept for safety
-            buf = (llama_cpp.llama_token * -n)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, -n, False, special)
-        return list(buf[:n])
-
-    def piece(self, token: int, special: bool = False) -> bytes:
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
-        return self._piece.raw[:n] if n >= 0 else b""
-
-    def detokenize(self, tokens: list[int], special: bool = False) -> str:
-        return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", errors="replace")
-
-    def meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(4096)
-        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
-        return buf.value.decode(errors="replace") if n >= 0 else None
-
-    def close(self) -> None:
-        if self.ptr:
-            llama_cpp.llama_model_free(self.ptr)
-            self.ptr = None
-
-    def __enter__(self) -> Model:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
+    def _finish(self, completion: Completion | None = None, error: RefactGGUFError | None = None) -> None:
+        self.completion, self.error = completion, error
+        self._done.set()
+        if self.on_done is not None:
+            self.on_done(self)
 
 
-class Context:
-    """An inference context (KV cache) on a Model."""
+@dataclass
+class Stats:
+    """Counters since start, for /health and /metrics."""
 
-    def __init__(self, model: Model, n_ctx: int = 2048, n_batch: int = 512, threads: int | None = None):
-        self.ptr = None
+    requests: int = 0
+    errors: int = 0
+    tokens_evaluated: int = 0
+    tokens_predicted: int = 0
+    steps: int = 0
+    started: float = field(default_factory=time.time)
+
+
+class Engine:
+    """`submit` tasks from any thread; the engine thread runs them, batched."""
+
+    def __init__(self, model: Model, n_ctx: int = 4096, parallel: int = 1, threads: int | None = None,
+                 n_batch: int = 512, max_queue: int = 16):
         self.model = model
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = n_batch
-        params.n_ubatch = min(n_batch, 512)
-        params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
-        params.no_perf = False
-        self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
-        if not self.ptr:
-            raise RefactGGUFError(f"llama.cpp could not create a context of {n_ctx} tokens", "try a smaller --ctx")
-        self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
-        self.n_batch = n_batch
-        self._batch = b = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        # One sequence, always: its fields are set once. Tokens, positions and output flags are
-        # written through numpy views, a slice per batch: item by item through ctypes cost
-        # 0.23 ms per 512 tokens, 2% of a GPU's prompt time.
-        np.ctypeslib.as_array(b.n_seq_id, shape=(n_batch,))[:] = 1
-        for i in range(n_batch):
-            b.seq_id[i][0] = 0
-        self._tokens = np.ctypeslib.as_array(b.token, shape=(n_batch,))
-        self._pos = np.ctypeslib.as_array(b.pos, shape=(n_batch,))
-        self._outputs = np.ctypeslib.as_array(b.logits, shape=(n_batch,))
-        self._all: list[np.ndarray] = []
-        self.n_past = 0
+        self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, threads=threads, n_seq_max=parallel)
+        self.n_ctx = self.ctx.n_ctx
+        self.slots = [Slot(self.ctx, seq) for seq in range(parallel)]
+        self.max_queue = max_queue
+        self.stats = Stats()
+        self._waiting: deque[Handle] = deque()
+        self._active: dict[Slot, Handle] = {}  # in admission order: prompts are filled first come, first served
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
 
-    def reset(self) -> None:
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ptr), True)
-        self.n_past = 0
+    # ------------------------------------------------------------------ any thread
 
-    def keep(self, n: int) -> None:
-        """Keep the first `n` cached tokens, drop the rest (the KV-cache reuse primitive)."""
-        if n < self.n_past:
-            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ptr), 0, n, -1)
-            self.n_past = n
+    def start(self, warmup: bool = True) -> Engine:
+        """Start the engine thread, after one decode so the first request pays no one-time setup
+        (weights paged in, GPU kernels loaded), as llama-server warms up at start."""
+        if warmup:
+            b = self.ctx.batch
+            b.clear()
+            b.add(0, [0], 0, output_last=True)
+            self.ctx.run(b)
+            self.ctx.seq_keep(0, 0)
+        self._thread = threading.Thread(target=self._loop, name="refact-gguf-engine", daemon=True)
+        self._thread.start()
+        return self
 
-    def remove(self, start: int, stop: int) -> None:
-        """Drop the cached positions [start, stop)."""
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ptr), 0, start, stop)
+    def submit(self, task: Task, on_text: OnText | None = None, on_done: Callable[[Handle], None] | None = None) -> Handle:
+        """Queue `task`; BusyError when every slot is busy and `max_queue` tasks already wait."""
+        handle = Handle(task, on_text, on_done)
+        with self._cond:
+            if self._closing:
+                raise BusyError("the server is shutting down")
+            idle = sum(not s.busy for s in self.slots)
+            if len(self._waiting) >= idle + self.max_queue:
+                raise BusyError(f"server busy: {len(self._waiting)} requests already waiting", "try again shortly")
+            self._waiting.append(handle)
+            self.stats.requests += 1
+            self._cond.notify()
+        return handle
 
-    def shift(self, start: int, stop: int, delta: int) -> None:
-        """Move the cached positions [start, stop) by `delta`. Exact for Refact: ALiBi reads
-        positions at attention time, nothing positional is baked into the cached keys."""
-        if delta:
-            llama_cpp.llama_memory_seq_add(llama_cpp.llama_get_memory(self.ptr), 0, start, stop, delta)
+    def run(self, task: Task, on_text: OnText | None = None) -> Completion:
+        """Submit and wait (for callers that have a thread to spare)."""
+        return self.submit(task, on_text).wait()
 
-    def decode(self, tokens: list[int], all_logits: bool = False, deadline: float | None = None) -> int:
-        """Append tokens to the cache; logits are computed for the last one (or all), not copied.
-        Returns how many were decoded: all, unless `deadline` (perf_counter) passed between batches."""
-        if self.n_past + len(tokens) > self.n_ctx:
-            raise RefactGGUFError(f"{self.n_past + len(tokens)} tokens do not fit the context of {self.n_ctx}", "raise --ctx")
-        b = self._batch
-        for start in range(0, len(tokens), self.n_batch):
-            if deadline is not None and start and time.perf_counter() > deadline:
-                return start
-            chunk = tokens[start : start + self.n_batch]
-            n = b.n_tokens = len(chunk)
-            self._tokens[:n] = chunk
-            self._pos[:n] = np.arange(self.n_past, self.n_past + n)
-            self._outputs[:n] = all_logits
-            self._outputs[n - 1] |= start + n == len(tokens)  # the last token's logits, always
-            status = llama_cpp.llama_decode(self.ptr, b)
-            if status != 0:
-                raise RefactGGUFError(f"llama.cpp failed to evaluate the prompt (llama_decode returned {status})")
-            self.n_past += len(chunk)
-            if all_logits:
-                self._all.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ptr), shape=(len(chunk), self.model.n_vocab)).copy())
-        return len(tokens)
-
-    def decode_one(self, token: int) -> None:
-        """The generation step: one token at the next position, logits on. Only the two fields
-        that change are written, so the per-token cost in Python stays a few microseconds."""
-        b = self._batch
-        if b.n_tokens != 1 or not b.logits[0]:
-            b.n_tokens, b.logits[0] = 1, True
-        b.token[0] = token
-        b.pos[0] = self.n_past
-        status = llama_cpp.llama_decode(self.ptr, b)
-        if status != 0:
-            raise RefactGGUFError(f"llama.cpp failed to decode a token (llama_decode returned {status})")
-        self.n_past += 1
-
-    def logits_last(self) -> np.ndarray:
-        """A view (no copy) of the last decoded position's logits, valid until the next decode."""
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ptr, -1), shape=(self.model.n_vocab,))
-
-    def synchronize(self) -> None:
-        """Wait for queued GPU work (a no-op on the CPU): timings must include it."""
-        llama_cpp.llama_synchronize(self.ptr)
-
-    def eval(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
-        """decode() and return a copy of the logits: of the last token [n_vocab] or all [n, n_vocab]."""
-        self._all = []
-        self.decode(tokens, all_logits)
-        if all_logits:
-            return np.concatenate(self._all) if self._all else np.empty((0, self.model.n_vocab), np.float32)
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ptr, -1), shape=(self.model.n_vocab,)).copy()
+    def load(self) -> dict:
+        """How busy it is now: slots busy and tasks waiting."""
+        with self._cond:
+            return {"slots": len(self.slots), "busy": sum(s.busy for s in self.slots), "waiting": len(self._waiting)}
 
     def close(self) -> None:
-        if self.ptr:
-            llama_cpp.llama_batch_free(self._batch)
-            llama_cpp.llama_free(self.ptr)
-            self.ptr = None
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for slot in self.slots:
+            slot.close()
+        self.ctx.close()
 
-    def __enter__(self) -> Context:
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        self.close()
+    # ------------------------------------------------------------------ engine thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closing or self._waiting or self._active):
+                    self._cond.wait()
+                if self._closing:
+                    for h in [*self._waiting, *self._active.values()]:
+                        h._finish(error=BusyError("the server is shutting down"))
+                    return
+            self.tick()
+
+    def tick(self) -> None:
+        """Admit what waits, then one step. The engine thread's loop body; tests call it directly
+        (on an engine that was not started) to replay an exact interleaving."""
+        with self._cond:
+            admitted = self._admit()
+        for slot, handle in admitted:
+            try:
+                slot.start(handle.task, handle.on_text)
+                self._active[slot] = handle
+            except Exception as e:  # noqa: BLE001 - the engine thread must outlive any one task
+                self._fail(slot, handle, _library_error(e))
+        try:
+            self.step()
+        except Exception as e:  # noqa: BLE001 - llama.cpp failed (or we did): the batch's tasks end with it
+            for slot, handle in list(self._active.items()):
+                slot.clear()  # its KV cache is in an unknown state
+                self._fail(slot, handle, _library_error(e))
+
+    def _admit(self) -> list[tuple[Slot, Handle]]:
+        """Waiting tasks → idle slots (under the lock); the slots start them outside it."""
+        admitted = []
+        idle = [s for s in self.slots if not s.busy and s not in self._active]
+        while self._waiting and idle:
+            handle = self._waiting.popleft()
+            if handle.cancelled:
+                handle._finish(Completion("", "cancelled", len(handle.task.prompt), 0, 0, 0, 0.0, 0.0))
+                continue
+            prompt = np.asarray(handle.task.prompt, np.int32)
+
+            def affinity(slot: Slot) -> tuple[int, float]:
+                # A handful of shared tokens (the FIM marker, an import line) is no reason to
+                # overwrite a cache someone else may come back to: below that, oldest first.
+                shared = slot.common_prefix(prompt)
+                return (shared if shared >= min(REUSE_CHUNK, len(prompt) // 2) else 0, -slot.last_used)
+
+            slot = max(idle, key=affinity)
+            idle.remove(slot)
+            slot.task = handle.task  # reserved: `busy` from now on
+            admitted.append((slot, handle))
+        return admitted
+
+    def _fail(self, slot: Slot, handle: Handle, error: RefactGGUFError) -> None:
+        slot.task = slot.on_text = None
+        self._active.pop(slot, None)
+        self.stats.errors += 1
+        handle._finish(error=error)
+
+    def _done(self, slot: Slot, completion: Completion) -> None:
+        handle = self._active.pop(slot)
+        self.stats.tokens_evaluated += completion.tokens_evaluated
+        self.stats.tokens_predicted += completion.tokens_predicted
+        handle._finish(completion)
+
+    def step(self) -> None:
+        """One llama_decode: a token for each generating slot, then prompt chunks."""
+        ctx, batch = self.ctx, self.ctx.batch
+        now = time.perf_counter()
+        for slot, handle in list(self._active.items()):
+            if handle.cancelled:
+                self._done(slot, slot.finish("cancelled"))
+            elif slot.t_prompt is None and slot.evaluated and slot.task.prompt_deadline is not None and now > slot.task.prompt_deadline:
+                self._done(slot, slot.finish("time"))
+        batch.clear()
+        outputs: list[tuple[Slot, int]] = []  # (slot, batch row), in batch order: output k is logits row k
+        filling: list[tuple[Slot, int]] = []
+        for slot in self._active:
+            if slot.generating:
+                outputs.append((slot, batch.add(slot.seq, (slot.next_token,), slot.pos, output_last=True)))
+        room = batch.capacity - batch.n
+        for slot in self._active:
+            if room == 0:
+                break
+            if not slot.generating:
+                chunk = slot.todo[:room]
+                last = len(chunk) == len(slot.todo)
+                row = batch.add(slot.seq, chunk, slot.pos, output_last=last)
+                filling.append((slot, len(chunk)))
+                room -= len(chunk)
+                if last:
+                    outputs.append((slot, row))
+        if batch.n == 0:
+            return
+        ctx.run(batch)
+        self.stats.steps += 1
+        for slot, _ in outputs:
+            if slot.generating:
+                slot.token_done()
+        for slot, n in filling:
+            slot.prompt_done(n)
+        logits = ctx.logits(len(outputs))
+        # One argmax over every row when all are greedy (the common case: code completion).
+        greedy = logits.argmax(axis=1) if all(s.greedy for s, _ in outputs) else None
+        for k, (slot, row) in enumerate(outputs):
+            if slot.max_tokens == 0:
+                self._done(slot, slot.finish("max_tokens"))
+                continue
+            if slot.greedy:
+                token = int(greedy[k]) if greedy is not None else int(logits[k].argmax())
+            else:
+                token = slot.pick(row)
+            done = slot.accept(token)
+            if done is not None:
+                self._done(slot, done)
 
 
-def sequence_logits(path: Path, tokens: list[int], threads: int | None = None) -> np.ndarray:
-    """Logits at every position of one sequence: the check that a GGUF computes what it should."""
-    with Model(path) as model, Context(model, n_ctx=max(64, len(tokens)), n_batch=max(32, len(tokens)), threads=threads) as ctx:
-        logits = ctx.eval(tokens, all_logits=True)
-    if not np.isfinite(logits).all():
-        raise ModelFileError(f"{Path(path).name} produced non-finite logits")
-    return logits
+def _library_error(e: Exception) -> RefactGGUFError:
+    if isinstance(e, RefactGGUFError):
+        return e
+    return RefactGGUFError(f"internal error: {e!r}", "please report it, with the log of REFACT_GGUF_DEBUG=1")

@@ -40,3 +40,15 @@ class ModelFileError(RefactGGUFError):
 
 class UnknownQuantError(RefactGGUFError):
     """A quant name that is not in the catalog."""
+
+
+class InputError(RefactGGUFError):
+    """A request cannot be served as given: too long for the context, empty, malformed."""
+
+
+class BusyError(RefactGGUFError):
+    """Every slot is taken and the queue is full: try again shortly."""
+
+
+class LlamaError(RefactGGUFError):
+    """llama.cpp itself failed (a context it could not create, a decode it could not run)."""

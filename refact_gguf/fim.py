@@ -1,4 +1,4 @@
-"""Fill-in-the-middle: prompt layout as token ids, truncation, and the stop rules for code.
+"""Fill-in-the-middle: prompt layout as token ids, and truncation (the stop rules for code are in `tasks`).
 
 Pure functions over a `tokenize(text) -> ids` callable, so they are tested without a model.
 
@@ -16,14 +16,15 @@ does not use goes to the other. Cuts are reported, never silent.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable, Literal
+
+from .errors import InputError
+from .tokens import FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID
 
 Tokenize = Callable[[str], list[int]]
 Order = Literal["spm", "psm"]
 
-FIM_PREFIX_ID, FIM_MIDDLE_ID, FIM_SUFFIX_ID = 1, 2, 3
 SUFFIX_SHARE = 0.25
 
 
@@ -88,7 +89,7 @@ def build_prompt(
     source code containing "<fim_suffix>" stays text.
     """
     if order not in ("spm", "psm"):
-        raise ValueError(f"unknown FIM order {order!r}: use 'spm' or 'psm'")
+        raise InputError(f"unknown FIM order {order!r}", "use 'spm' or 'psm'")
     line_ids = tokenize(line) if line else []
     room = max(0, budget - 3 - max(len(line_ids), LINE_RESERVE if line else 0))
     suffix_ids_full = tokenize(suffix)
@@ -105,82 +106,3 @@ def build_prompt(
     else:
         tokens = [*extra_ids, FIM_PREFIX_ID, *prefix_ids, FIM_SUFFIX_ID, *suffix_ids, FIM_MIDDLE_ID]
     return FimPrompt(tokens, prefix_text + line, suffix_text, prefix_cut, suffix_cut)
-
-
-# ---------------------------------------------------------------------------------- stop rules
-
-_BLANK_LINE = re.compile(r"\n[ \t]*\n")
-
-
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip(" \t"))
-
-
-class StopRules:
-    """Decides, as text streams in, where a code completion ends.
-
-    - single-line mode: the first newline;
-    - multi-line mode: a blank line;
-    - a line that dedents below the cursor's block;
-    - a line that repeats the suffix's first non-empty line (the model re-typing what follows);
-    - any of the caller's stop strings.
-    `final()` is the completion; `safe()` the part that no later rule can cut (whole lines).
-    An empty completion is a valid answer.
-    """
-
-    def __init__(self, prefix: str, suffix: str, multiline: bool = True, indent: int | None = None,
-                 stop: tuple[str, ...] = ()):
-        self.cursor_line = prefix.rsplit("\n", 1)[-1]
-        self.block_indent = _indent(self.cursor_line) if indent is None else indent
-        self.stop_strings = tuple(s for s in stop if s)
-        self.suffix_line = next((ln.strip() for ln in suffix.splitlines() if ln.strip()), None)
-        self.multiline = multiline
-        self.text = ""
-        self.stopped: str | None = None  # why generation should stop, once it should
-
-    def feed(self, piece: str) -> bool:
-        """Add generated text; True when generation should stop."""
-        if self.stopped:
-            return True
-        self.text += piece
-        cut = self._cut(self.text)
-        if cut is not None:
-            self.text, self.stopped = self.text[: cut[0]], cut[1]
-        return self.stopped is not None
-
-    def _cut(self, text: str) -> tuple[int, str] | None:
-        hits = [text.find(s) for s in self.stop_strings if s in text]
-        if hits:
-            return min(hits), "stop string"
-        if not self.multiline and "\n" in text:
-            return text.index("\n"), "newline"
-        blank = _BLANK_LINE.search(text)
-        if blank:
-            text_end, reason = blank.start(), "blank line"
-        else:
-            text_end, reason = len(text), None
-        lines = text[:text_end].split("\n")
-        pos = 0
-        for i, line in enumerate(lines):
-            complete = i < len(lines) - 1 or reason is not None
-            if self.suffix_line and complete and (line if i else self.cursor_line + line).strip() == self.suffix_line and line.strip():
-                return max(0, pos - 1), "repeats suffix"
-            if i and line.strip() and _indent(line) < self.block_indent:
-                return pos - 1, "dedent"
-            pos += len(line) + 1
-        return (text_end, reason) if reason else None
-
-    def safe(self) -> str:
-        """Text no later rule can cut: everything before the last newline (all, once stopped).
-        A cut removes the line *and* the newline before it, so that newline is not safe yet."""
-        if self.stopped:
-            return self.text
-        return self.text[: max(0, self.text.rfind("\n"))]
-
-    def final(self) -> str:
-        """The completion once generation ended for any reason; drops a dangling suffix repeat."""
-        if not self.stopped:
-            cut = self._cut(self.text + "\n")
-            if cut is not None and cut[0] < len(self.text):
-                return self.text[: cut[0]]
-        return self.text

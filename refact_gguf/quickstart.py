@@ -10,7 +10,7 @@ from pathlib import Path
 from . import catalog
 from .errors import RefactGGUFError
 from .progress import Progress
-from .synthetic import SYNTHETIC_NAME, SyntheticSpec, write_checkpoint
+from .convert.synthetic import SYNTHETIC_NAME, SyntheticSpec, write_checkpoint
 
 # Small enough to build in seconds, the real architecture and tokenizer otherwise.
 QUICK_SPEC = SyntheticSpec(n_layer=4, n_embd=512, n_head=8, seed=7)
@@ -32,7 +32,7 @@ def cache_root() -> Path:
 
 def synthetic_model(progress: Progress | None = None) -> Path:
     """Build (once) a small synthetic Refact model, converted and quantized to Q4_K_M."""
-    from convert import convert
+    from .convert import convert
 
     cat = catalog.load()
     quant = cat.get("Q4_K_M")

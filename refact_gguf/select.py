@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
 from . import catalog
 from .catalog import Catalog, Quant
-from .errors import RefactGGUFError
+from .errors import ModelFileError, RefactGGUFError
 
 MIB = 1 << 20
 # Python, numpy, llama.cpp's runtime and the 49k-token vocabulary, fitted to the peak RSS of a
@@ -50,9 +52,9 @@ class Memory:
     ram_available: int
     vram_free: int | None  # None: no NVIDIA GPU (or no NVML)
 
-    @property
-    def budget(self) -> int:
-        return int(max(self.ram_available, self.vram_free or 0) * MARGIN)
+    def usable(self, gpu: bool = False) -> int:
+        """What a model may take here: `MARGIN` of the free VRAM (gpu) or of the available RAM."""
+        return int(((self.vram_free or 0) if gpu else self.ram_available) * MARGIN)
 
 
 def free_memory() -> Memory:
@@ -71,8 +73,9 @@ def free_memory() -> Memory:
     return Memory(psutil.virtual_memory().available, vram)
 
 
-def fits(est: Estimate, memory: Memory) -> bool:
-    return est.total <= memory.budget
+def fits(est: Estimate, memory: Memory, gpu: bool = False) -> bool:
+    """The one "fits in memory" rule, for `list`, `recommend` and choosing a pulled quant."""
+    return est.total <= memory.usable(gpu)
 
 
 def recommend(memory: Memory | None = None, n_ctx: int = 4096, gpu: bool = False) -> tuple[Quant, list[Estimate]]:
@@ -81,10 +84,10 @@ def recommend(memory: Memory | None = None, n_ctx: int = 4096, gpu: bool = False
     cat = catalog.load()
     if gpu and memory.vram_free is None:
         raise RefactGGUFError("--gpu: no NVIDIA GPU found (NVML)", "drop --gpu to size for RAM")
-    budget = int((memory.vram_free if gpu else memory.ram_available) * MARGIN)
+    budget = memory.usable(gpu)
     candidates = [q for q in cat.quants if q.alias_of is None]
     estimates = [estimate(q, n_ctx) for q in candidates]
-    fitting = [e for e in estimates if e.total <= budget]
+    fitting = [e for e in estimates if fits(e, memory, gpu)]
     if not fitting:
         smallest = min(estimates, key=lambda e: e.total)
         raise RefactGGUFError(
@@ -94,3 +97,51 @@ def recommend(memory: Memory | None = None, n_ctx: int = 4096, gpu: bool = False
         )
     best = min(fitting, key=lambda e: (e.quant.kld, e.total))
     return best.quant, estimates
+
+
+# ---------------------------------------------------------------------------------- which file, where
+
+
+def resolve_model(ref: str | Path | None) -> Path:
+    """A path, a quant name (from the cache), or None: the best pulled quant that fits here."""
+    if ref is not None and (Path(ref).suffix == ".gguf" or os.sep in str(ref) or Path(ref).exists()):
+        path = Path(ref).expanduser()
+        if not path.is_file():
+            raise ModelFileError(f"{path} does not exist", "pass a .gguf file or a quant name (refact-gguf list)")
+        return path
+    from .hub import cached_path, cached_quants  # only now: a path needs no Hub client
+
+    cat = catalog.load()
+    if ref is not None:
+        quant = cat.get(str(ref))
+        path = cached_path(quant)
+        if path is None:
+            raise RefactGGUFError(f"{quant.name} is not pulled yet", f"run: refact-gguf pull {quant.name}")
+        return path
+    cached = cached_quants()
+    memory = free_memory()
+    usable = [cat.get(n) for n, p in cached.items() if fits(estimate(cat.get(n), size_bytes=p.stat().st_size), memory)]
+    if usable:
+        best = min(usable, key=lambda q: q.kld)
+        return cached[best.name]
+    if cached:
+        return cached[min(cached, key=lambda n: cat.get(n).size_gib)]
+    raise RefactGGUFError("no model pulled yet", f"run: refact-gguf pull {recommend(memory)[0].name}")
+
+
+def gpu_layers(setting: str | int, model_path: Path) -> int:
+    """`auto`: every layer when llama.cpp has a GPU backend and the model fits in free VRAM."""
+    if setting != "auto":
+        try:
+            return int(setting)
+        except ValueError:
+            raise RefactGGUFError(f"--gpu-layers {setting!r}: give a number or 'auto'") from None
+    import llama_cpp  # only now: a quant name or `list` needs no llama.cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        return 0
+
+    vram = free_memory().vram_free
+    if vram is None:  # a GPU build, but no NVML to ask (Metal, ROCm, no nvidia-ml-py): llama.cpp says if it does not fit
+        return 999
+    return 999 if vram > estimate(None, size_bytes=model_path.stat().st_size).total else 0

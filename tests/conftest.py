@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert import convert
-from convert.checkpoint import Checkpoint
-from convert.reference import forward
-from convert.refact import plan
+from refact_gguf.convert import convert
+from refact_gguf.convert.checkpoint import Checkpoint
+from refact_gguf.convert.reference import forward
+from refact_gguf.convert.refact import plan
 from refact_gguf import catalog
-from refact_gguf.synthetic import SyntheticSpec, write_checkpoint
+from refact_gguf.convert.synthetic import SyntheticSpec, write_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 VOCAB_GGUF = SHARED / "refact-vocab" / "ggml-vocab-refact.gguf"
@@ -67,7 +67,7 @@ def converted_f32(hf_fused, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sample_tokens(converted_f32) -> list[int]:
-    from refact_gguf.engine import Model
+    from refact_gguf.llama import Model
 
     with Model(converted_f32.base, vocab_only=True) as m:
         return m.tokenize(SAMPLE_CODE)

@@ -6,7 +6,7 @@ import jinja2
 import pytest
 
 from refact_gguf.chat import Message, build_prompt
-from refact_gguf.engine import Model
+from refact_gguf.llama import Model
 from refact_gguf.errors import RefactGGUFError
 
 

@@ -7,13 +7,13 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from convert import convert
-from convert.checkpoint import Checkpoint
-from convert.reference import kl_divergence
-from convert.refact import plan
-from convert.vocab import load_vocab
-from convert.writer import write_gguf
-from refact_gguf.engine import Model, sequence_logits
+from refact_gguf.convert import convert
+from refact_gguf.convert.checkpoint import Checkpoint
+from refact_gguf.convert.reference import kl_divergence
+from refact_gguf.convert.refact import plan
+from refact_gguf.convert.vocab import load_vocab
+from refact_gguf.convert.writer import write_gguf
+from refact_gguf.llama import Model, sequence_logits
 from refact_gguf.tokens import CHAT_TEMPLATE
 
 from .conftest import reference_logits

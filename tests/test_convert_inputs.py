@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert import convert, writer
-from convert.checkpoint import Checkpoint
+from refact_gguf.convert import convert, writer
+from refact_gguf.convert.checkpoint import Checkpoint
 from refact_gguf.errors import CheckpointError, OutputError, TensorError
 
 
@@ -181,7 +181,7 @@ def test_output_not_writable(hf_fused, tmp_path):
 
 
 def test_not_enough_disk_refused_before_writing(hf_fused, tmp_path, monkeypatch):
-    from convert import pipeline
+    from refact_gguf.convert import pipeline
 
     monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 10, 10))
     with pytest.raises(OutputError, match="not enough disk space"):

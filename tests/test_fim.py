@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from refact_gguf.fim import StopRules, build_prompt
+from refact_gguf.errors import InputError
+from refact_gguf.fim import build_prompt
+from refact_gguf.tasks import StopRules
 
 
 def tok(text: str) -> list[int]:
@@ -23,8 +25,8 @@ def test_psm_layout_exact():
     assert p.tokens == [1, *tok("ab"), 3, *tok("cd"), 2]
 
 
-def test_unknown_order():
-    with pytest.raises(ValueError):
+def test_unknown_order_is_a_clear_input_error():
+    with pytest.raises(InputError, match="unknown FIM order 'xyz'"):
         build_prompt(tok, "a", "b", 10, order="xyz")
 
 
@@ -52,6 +54,10 @@ def test_overlong_cursor_line_is_cut_by_characters():
     assert p.prefix_truncated and len(p.tokens) <= 53 and p.prefix == "y" * len(p.prefix) and len(p.prefix) > 30
 
 
+def code_rules(prefix: str, suffix: str, **options) -> StopRules:
+    return StopRules(code=True, prefix=prefix, suffix=suffix, **options)
+
+
 def feed_all(rules: StopRules, text: str, step: int = 3) -> str:
     for i in range(0, len(text), step):
         if rules.feed(text[i : i + step]):
@@ -60,40 +66,40 @@ def feed_all(rules: StopRules, text: str, step: int = 3) -> str:
 
 
 def test_single_line_stops_at_newline():
-    r = StopRules("x = ", "", multiline=False)
+    r = code_rules("x = ", "", multiline=False)
     assert feed_all(r, "foo(1)\nbar()\n") == "foo(1)" and r.stopped == "newline"
 
 
 def test_multiline_stops_at_blank_line():
-    r = StopRules("def f():\n    ", "")
+    r = code_rules("def f():\n    ", "")
     assert feed_all(r, "a = 1\n    return a\n\n\ndef g():\n") == "a = 1\n    return a"
     assert r.stopped == "blank line"
 
 
 def test_dedent_below_the_block_stops():
-    r = StopRules("def f():\n    ", "")
+    r = code_rules("def f():\n    ", "")
     assert feed_all(r, "a = 1\n    b = 2\nprint(a)\n") == "a = 1\n    b = 2"
     assert r.stopped == "dedent"
 
 
 def test_repeating_the_suffix_is_cut():
-    r = StopRules("def f():\n    a = 1\n    ", "\n    return a\n")
+    r = code_rules("def f():\n    a = 1\n    ", "\n    return a\n")
     assert feed_all(r, "b = 2\n    return a\n") == "b = 2"
     assert r.stopped == "repeats suffix"
 
 
 def test_suffix_repeat_on_the_cursor_line_gives_empty_completion():
-    r = StopRules("def f():\n    ", "return a\n")
+    r = code_rules("def f():\n    ", "return a\n")
     assert feed_all(r, "return a\n") == ""
 
 
 def test_empty_completion_is_valid():
-    r = StopRules("x = 1\n", "")
+    r = code_rules("x = 1\n", "")
     assert feed_all(r, "\n\n") == ""
 
 
 def test_safe_text_never_shrinks():
-    r = StopRules("def f():\n    ", "")
+    r = code_rules("def f():\n    ", "")
     seen = []
     for piece in ["a = 1", "\n    b", " = 2\n", "c = 3\n"]:
         r.feed(piece)
@@ -104,6 +110,20 @@ def test_safe_text_never_shrinks():
 
 
 def test_unfinished_line_repeating_suffix_dropped_at_the_end():
-    r = StopRules("    ", "\n    return a\n")
+    r = code_rules("    ", "\n    return a\n")
     r.feed("x = 1\n    return a")  # max_tokens hit mid-line
     assert r.final() == "x = 1"
+
+
+def test_stop_strings_hold_back_what_a_stop_may_still_cut():
+    r = StopRules(("STOP",))
+    assert not r.feed("hello ST")
+    assert r.safe() == "hello"  # "ST" (and the space before it, within the hold) could begin "STOP"
+    assert r.feed("OP and more") and r.final() == "hello " and r.stopped == "stop string"
+
+
+def test_chat_rules_strip_the_reply():
+    r = StopRules(strip=True)
+    r.feed("  Hi")
+    r.feed(" there \n")
+    assert r.final() == "Hi there"

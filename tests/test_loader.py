@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from refact_gguf import loader
-from refact_gguf.engine import Model
+from refact_gguf.llama import Model
 from refact_gguf.errors import ModelFileError
 from refact_gguf.loader import inspect
 

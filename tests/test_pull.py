@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from convert import convert
+from refact_gguf.convert import convert
 from refact_gguf import catalog, hub
 from refact_gguf.errors import OutputError
 from refact_gguf.hub import HubConfig, HubError

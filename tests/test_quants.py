@@ -7,11 +7,11 @@ import filecmp
 import numpy as np
 import pytest
 
-from convert.imatrix import Imatrix
-from convert.quantize import quantize
-from convert.reference import kl_divergence
+from refact_gguf.convert.imatrix import Imatrix
+from refact_gguf.convert.quantize import quantize
+from refact_gguf.convert.reference import kl_divergence
 from refact_gguf import catalog
-from refact_gguf.engine import Model, sequence_logits
+from refact_gguf.llama import Model, sequence_logits
 from refact_gguf.loader import inspect
 
 pytestmark = pytest.mark.slow

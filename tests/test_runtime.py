@@ -7,7 +7,8 @@ import pytest
 
 from refact_gguf import loader
 from refact_gguf.chat import Message
-from refact_gguf.runtime import Runtime, Sampling
+from refact_gguf.runtime import Runtime
+from refact_gguf.tasks import Sampling
 
 
 @pytest.fixture(scope="module")
@@ -27,25 +28,24 @@ def test_k_quant_runs_without_crash_and_repack_state_is_right(rt):
 def test_fim_prompt_is_exact_ids_without_injection(rt):
     prefix, suffix = "s = '<fim_suffix>'\n", "\nprint(s)\n"
     seen = {}
-    original = rt.generate
+    original = rt.run
 
-    def spy(prompt, *a, **kw):
-        seen["prompt"] = prompt
-        return original(prompt, *a, **kw)
+    def spy(task, *a, **kw):
+        seen["prompt"] = task.prompt
+        return original(task, *a, **kw)
 
-    rt.generate = spy
+    rt.run = spy
     try:
         rt.fim(prefix, suffix, max_tokens=2)
     finally:
-        del rt.generate
+        del rt.run
     assert seen["prompt"] == [3, *rt.tokenize(suffix), 1, *rt.tokenize(prefix), 2]
     assert seen["prompt"].count(3) == 1  # the text "<fim_suffix>" stayed text
 
 
 def test_greedy_is_deterministic_and_max_tokens_holds(rt):
     a = rt.fim("def add(a, b):\n    return", "\n", max_tokens=6, multiline=False)
-    rt.cached = []  # forget the cache: same answer from scratch
-    rt.ctx.keep(0)
+    rt.slot.clear()  # forget the cache: same answer from scratch
     b = rt.fim("def add(a, b):\n    return", "\n", max_tokens=6, multiline=False)
     assert a.text == b.text
     assert a.tokens_predicted <= 6
@@ -105,7 +105,7 @@ def test_batches_split_anywhere_give_the_same_logits(converted_f32, sample_token
     # per slice, so every split must give what one batch gives, up to rounding: the f16 KV cache
     # and attention tiles differ with the batch size (~3e-3 here, f32 weights); a wrong position
     # or a missing output flag is far off (both checked to fail).
-    from refact_gguf.engine import Context, Model
+    from refact_gguf.llama import Context, Model
 
     tokens = sample_tokens[:70]
     with Model(converted_f32.base) as model:

@@ -15,34 +15,33 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from refact_gguf.engine import Model
-from refact_gguf.runtime import Runtime, Sampling
+from refact_gguf.engine import Engine
+from refact_gguf.llama import Model
 from refact_gguf.server import Limits, create_app
 
 PREFIX = "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n"
 SUFFIX = "\n    return result\n\n\nprint(list_python_files('.'))\n"
 
 
-class SlowRuntime(Runtime):
-    """Generates at most one token per 20 ms and remembers why each generation stopped."""
+class SlowEngine(Engine):
+    """Takes at least 20 ms a step and remembers why each task ended."""
 
     stops: list[str] = []
 
-    def generate(self, prompt, max_tokens, sampling=Sampling(), accept=lambda t: False, *args, **kwargs):
-        def slow(text):
-            time.sleep(0.02)
-            return accept(text)
+    def step(self):
+        time.sleep(0.02)
+        super().step()
 
-        result = super().generate(prompt, max_tokens, sampling, slow, *args, **kwargs)
-        SlowRuntime.stops.append(result.stop_reason)
-        return result
+    def _done(self, slot, completion):
+        SlowEngine.stops.append(completion.stop_reason)
+        super()._done(slot, completion)
 
 
 @contextmanager
-def running(q4_model, parallel=2, api_key=None, limits=Limits(max_predict=64), runtime=Runtime):
+def running(q4_model, parallel=2, api_key=None, limits=Limits(max_predict=64), engine=Engine, cors_origins=None):
     model = Model(q4_model)
-    runtimes = [runtime(model, n_ctx=1024, threads=1) for _ in range(parallel)]
-    app = create_app(runtimes, q4_model.name, api_key, limits)
+    eng = engine(model, n_ctx=1024, parallel=parallel, threads=1, max_queue=limits.max_queue).start()
+    app = create_app(eng, q4_model.name, api_key, limits, cors_origins)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -58,8 +57,7 @@ def running(q4_model, parallel=2, api_key=None, limits=Limits(max_predict=64), r
     finally:
         server.should_exit = True
         thread.join(10)
-        for rt in runtimes:
-            rt.close()
+        eng.close()
         model.close()
 
 
@@ -70,7 +68,7 @@ def url(q4_model):
 
 
 def test_health_and_models(url):
-    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
     data = httpx.get(f"{url}/v1/models").json()
     assert data["object"] == "list" and data["data"][0]["id"].endswith(".gguf")
 
@@ -165,15 +163,15 @@ def test_auth_required_except_health(q4_model):
 
 
 def test_full_queue_is_503_and_disconnect_cancels(q4_model):
-    SlowRuntime.stops.clear()
-    with running(q4_model, parallel=1, limits=Limits(max_predict=4000, max_queue=0), runtime=SlowRuntime) as u:
+    SlowEngine.stops.clear()
+    with running(q4_model, parallel=1, limits=Limits(max_predict=4000, max_queue=0), engine=SlowEngine) as u:
         long = {"prompt": "def f():", "max_tokens": 900, "stream": True}
         with httpx.stream("POST", f"{u}/v1/completions", json=long, timeout=60) as r:
             lines = r.iter_lines()  # kept referenced: a dropped iterator closes the connection
             next(lines)  # generation is under way (≥ 18 s of it), the only slot is taken
             busy = httpx.post(f"{u}/v1/completions", json={"prompt": "x", "max_tokens": 2})
             assert busy.status_code == 503 and busy.json()["error"]["type"] == "unavailable_error"
-            assert SlowRuntime.stops == []
+            assert SlowEngine.stops == []
         # the client went away: its generation is cancelled and the slot comes back quickly
         t0 = time.time()
         while True:
@@ -182,7 +180,7 @@ def test_full_queue_is_503_and_disconnect_cancels(q4_model):
                 break
             assert time.time() - t0 < 5, "the abandoned generation kept the slot"
             time.sleep(0.1)
-        assert SlowRuntime.stops[0] == "cancelled" and time.time() - t0 < 5
+        assert SlowEngine.stops[0] == "cancelled" and time.time() - t0 < 5
 
 
 json_values = st.recursive(
@@ -202,3 +200,52 @@ def test_fuzzed_bodies_never_5xx(url, path, body):
     assert r.status_code < 500, (path, body, r.text)
     if body.get("stream") is not True:
         r.json()
+
+
+STREAMS = [
+    ("/infill", {"input_prefix": PREFIX, "input_suffix": SUFFIX, "prompt": "        ", "n_predict": 60, "stream": True}),
+    ("/v1/completions", {"prompt": "def f():", "max_tokens": 60, "stream": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "stream": True}),
+]
+
+
+@pytest.mark.parametrize("path,body", STREAMS, ids=[p for p, _ in STREAMS])
+def test_dropped_streams_followed_at_once_by_a_request(q4_model, path, body):
+    """A streaming client that disconnects mid-generation, and at once another request: 50 times.
+    (The per-slot server crashed here: the stream released its slot while still decoding in it.)"""
+    with running(q4_model, parallel=2, limits=Limits(max_predict=64, max_queue=64)) as u, httpx.Client(timeout=60) as client:
+        for _ in range(50):
+            with client.stream("POST", f"{u}{path}", json=body) as r:
+                assert r.status_code == 200
+                next(r.iter_lines())
+            # leaving the block closed the connection mid-stream
+            after = client.post(f"{u}/v1/completions", json={"prompt": "x = ", "max_tokens": 2})
+            assert after.status_code == 200, after.text
+        deadline = time.time() + 10
+        while httpx.get(f"{u}/health").json()["busy"]:  # every dropped stream is cancelled
+            assert time.time() < deadline
+            time.sleep(0.05)
+
+
+def test_sixteen_concurrent_clients_of_every_kind(q4_model):
+    jobs = [("/infill", {"input_prefix": PREFIX + f"# {i}\n", "input_suffix": SUFFIX, "n_predict": 6}) for i in range(6)]
+    jobs += [("/v1/completions", {"prompt": f"x{i} = ", "max_tokens": 6, "temperature": 0.7, "seed": i}) for i in range(5)]
+    jobs += [("/v1/chat/completions", {"messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 6}) for i in range(5)]
+    with running(q4_model, parallel=4, limits=Limits(max_predict=64, max_queue=16)) as u:
+        def one(job):
+            return httpx.post(f"{u}{job[0]}", json=job[1], timeout=120).status_code
+
+        with ThreadPoolExecutor(16) as ex:
+            assert list(ex.map(one, jobs)) == [200] * 16
+        health = httpx.get(f"{u}/health").json()
+        assert health["busy"] == 0 and health["waiting"] == 0 and health["slots"] == 4
+
+
+def test_cors_preflight_passes_before_the_key_check(q4_model):
+    with running(q4_model, parallel=1, api_key="s3cret", cors_origins=["http://localhost:5173"]) as u:
+        pre = httpx.options(f"{u}/v1/completions", headers={
+            "Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://localhost:5173"
+        denied = httpx.post(f"{u}/v1/completions", json={"prompt": "x"}, headers={"Origin": "http://localhost:5173"})
+        assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "http://localhost:5173"

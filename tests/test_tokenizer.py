@@ -5,8 +5,8 @@ from __future__ import annotations
 import gguf
 import pytest
 
-from refact_gguf.engine import Model
-from refact_gguf.synthetic import tokenizer_json
+from refact_gguf.llama import Model
+from refact_gguf.convert.synthetic import tokenizer_json
 
 from .conftest import VOCAB_GGUF
 

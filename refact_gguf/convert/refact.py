@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from refact_gguf.errors import TensorError
+from ..errors import TensorError
 
 from .checkpoint import Checkpoint, LazyTensor, RefactConfig
 

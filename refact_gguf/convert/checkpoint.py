@@ -18,8 +18,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from refact_gguf.catalog import ffn_width
-from refact_gguf.errors import CheckpointError
+from ..catalog import ffn_width
+from ..errors import CheckpointError
 
 ARCHITECTURE = "GPTRefactForCausalLM"
 # safetensors / torch dtype name → (numpy storage dtype, itemsize)

@@ -11,9 +11,9 @@ from typing import Callable, Iterator
 import gguf
 import numpy as np
 
-from refact_gguf import __version__
-from refact_gguf import tokens as special
-from refact_gguf.errors import OutputError
+from .. import __version__
+from .. import tokens as special
+from ..errors import OutputError
 
 from .checkpoint import RefactConfig
 from .refact import OutTensor, iter_chunks

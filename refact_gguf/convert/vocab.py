@@ -8,8 +8,8 @@ from pathlib import Path
 
 from gguf import TokenType
 
-from refact_gguf import tokens as special
-from refact_gguf.errors import CheckpointError
+from .. import tokens as special
+from ..errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,12 @@ class Vocab:
 
     @property
     def special_ids(self) -> dict[str, int]:
-        """The ids llama.cpp needs for FIM and chat, looked up by text rather than assumed."""
+        """The ids llama.cpp needs for FIM and chat, looked up by text; they must be Refact's own,
+        which the runtime builds prompts with."""
+        for token, expected in special.IDS.items():
+            if self.id_of(token) != expected:
+                raise CheckpointError(f"tokenizer.json has {token} at id {self.id_of(token)}, Refact's is {expected}",
+                                      "is this Refact's own tokenizer?")
         return {
             "eos": self.id_of(special.ENDOFTEXT),
             "fim_pre": self.id_of(special.FIM_PREFIX),

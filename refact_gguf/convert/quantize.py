@@ -11,9 +11,9 @@ from typing import Callable
 import llama_cpp
 import numpy as np
 
-from refact_gguf import llama_log
-from refact_gguf.catalog import Quant
-from refact_gguf.errors import QuantizeError
+from .. import llama_log
+from ..catalog import Quant
+from ..errors import QuantizeError
 
 from .imatrix import Imatrix
 from .writer import atomic_output

@@ -17,7 +17,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from refact_gguf.errors import CheckpointError, ModelFileError
+from ..errors import CheckpointError, ModelFileError
 
 from .checkpoint import RefactConfig
 from .reference import ActivationStats, forward

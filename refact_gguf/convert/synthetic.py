@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .catalog import ffn_width
+from ..catalog import ffn_width
 
 SYNTHETIC_NAME = "Refact-1_6B-fim-SYNTHETIC-random-weights"
 _TORCH_DTYPE = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", None)}
@@ -47,7 +47,7 @@ class SyntheticSpec:
 
 def tokenizer_json() -> str:
     """Refact-1.6B's HF tokenizer.json, rebuilt from llama.cpp's vocab (shipped as package data)."""
-    return gzip.decompress(resources.files(__package__).joinpath("data/refact-tokenizer.json.gz").read_bytes()).decode()
+    return gzip.decompress(resources.files("refact_gguf").joinpath("data/refact-tokenizer.json.gz").read_bytes()).decode()
 
 
 def _tensors(spec: SyntheticSpec) -> Iterator[tuple[str, tuple[int, ...], "callable"]]:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from refact_gguf import catalog
-from refact_gguf.catalog import Quant
-from refact_gguf.errors import OutputError
-from refact_gguf.progress import Progress
+from .. import catalog
+from ..catalog import Quant
+from ..errors import OutputError
+from ..progress import Progress
 
 from . import imatrix as im
 from .checkpoint import Checkpoint
@@ -119,7 +119,7 @@ def convert(
 def _importance_matrix(result, ckpt, imatrix_file, calibration, calibration_tokens, progress) -> im.Imatrix:
     if imatrix_file is not None:
         return im.Imatrix.load(imatrix_file)
-    from refact_gguf.engine import Model  # llama.cpp's tokenizer of the file just written
+    from ..llama import Model  # llama.cpp's tokenizer of the file just written
 
     t0 = time.perf_counter()
     files, dataset = im.calibration_files(calibration)

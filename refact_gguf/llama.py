@@ -1,0 +1,296 @@
+"""llama.cpp's C API (through llama-cpp-python's ctypes binding): Model, Context, Batch.
+
+The only module that calls `llama_decode`. The high-level `llama_cpp.Llama` cannot turn off the
+extra buffer types (needed on AMX CPUs), knows one sequence only and does per-token Python work;
+this keeps the hot path in llama.cpp: batches filled through numpy, logits read in place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from .errors import InputError, LlamaError, ModelFileError
+from .loader import load_model
+
+
+class TokenCache:
+    """A small LRU of text → ids, shared by every slot on a model (thread-safe)."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._items: dict[str, tuple[int, ...]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, text: str) -> tuple[int, ...] | None:
+        with self._lock:
+            ids = self._items.pop(text, None)
+            if ids is not None:
+                self._items[text] = ids  # most recent last
+            return ids
+
+    def put(self, text: str, ids: list[int]) -> None:
+        with self._lock:
+            self._items[text] = tuple(ids)
+            while len(self._items) > self.size:
+                self._items.pop(next(iter(self._items)))
+
+
+class Model:
+    """A loaded GGUF: vocabulary and weights. Close it (or use `with`) to free the memory."""
+
+    def __init__(self, path: Path, n_gpu_layers: int = 0, vocab_only: bool = False):
+        self.ptr = None  # set before anything can fail: __del__ runs on half-built objects too
+        self.path = Path(path)
+        self.ptr = load_model(self.path, n_gpu_layers, vocab_only)
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
+        self._piece = ctypes.create_string_buffer(256)
+        self.token_cache = TokenCache()
+        # Tokens that end a completion (end-of-generation and every other control token), as a
+        # set: checked per generated token without a call into llama.cpp.
+        self.stop_tokens = frozenset(
+            t for t in range(self.n_vocab)
+            if llama_cpp.llama_vocab_is_eog(self.vocab, t) or llama_cpp.llama_vocab_is_control(self.vocab, t)
+        ) if not vocab_only else frozenset()
+
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """Text → ids, no BOS. With special=False, "<fim_suffix>" in the text is plain text."""
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, False, special)
+        if n < 0:  # cannot happen for byte-level BPE (≤ 1 token per byte), kept for safety
+            buf = (llama_cpp.llama_token * -n)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, -n, False, special)
+        return list(buf[:n])
+
+    def tokenize_cached(self, text: str) -> list[int]:
+        """tokenize(text) through the model's small LRU (editors resend the same file text)."""
+        ids = self.token_cache.get(text)
+        if ids is None:
+            ids = self.tokenize(text)
+            self.token_cache.put(text, ids)
+        return list(ids)
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
+        return self._piece.raw[:n] if n >= 0 else b""
+
+    def detokenize(self, tokens: list[int], special: bool = False) -> str:
+        return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", errors="replace")
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode(errors="replace") if n >= 0 else None
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Batch:
+    """Tokens of one or many sequences for one `llama_decode`, in numpy-owned memory.
+
+    llama.cpp's own `llama_batch_init` allocates a seq-id array per token, which can only be
+    written item by item through ctypes (0.23 ms per 512 tokens, 2% of a GPU's prompt time).
+    Here every field is a numpy array and each token's seq-id pointer points into one of them,
+    so a run of tokens is a slice assignment.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.token = np.zeros(capacity, np.int32)
+        self.pos = np.zeros(capacity, np.int32)
+        self.seq = np.zeros(capacity, np.int32)
+        self.output = np.zeros(capacity, np.int8)
+        self._n_seq_id = np.ones(capacity, np.int32)
+        seq_t = ctypes.POINTER(llama_cpp.llama_seq_id)
+        base = self.seq.ctypes.data
+        self._seq_ptrs = (seq_t * capacity)(*(ctypes.cast(base + 4 * i, seq_t) for i in range(capacity)))
+        self.raw = llama_cpp.llama_batch(
+            0,
+            self.token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
+            None,
+            self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
+            self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            self._seq_ptrs,
+            self.output.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
+        self.n = 0
+        self.n_outputs = 0
+
+    def clear(self) -> None:
+        self.n = self.n_outputs = 0
+
+    def add(self, seq: int, tokens, pos: int, output_last: bool = False, output_all: bool = False) -> int:
+        """Append `tokens` of sequence `seq` at positions pos, pos+1, …; returns the batch row of
+        the last one (where its logits are read, when it is an output)."""
+        n, i = len(tokens), self.n
+        if i + n > self.capacity:
+            raise ValueError(f"batch overflow: {i} + {n} > {self.capacity}")
+        self.token[i : i + n] = tokens
+        self.pos[i : i + n] = np.arange(pos, pos + n)
+        self.seq[i : i + n] = seq
+        self.output[i : i + n] = output_all
+        if output_last:
+            self.output[i + n - 1] = 1
+        self.n = i + n
+        self.n_outputs += n if output_all else int(output_last)
+        return i + n - 1
+
+
+class Context:
+    """An inference context on a Model: a KV cache of `n_seq_max` sequences, each `n_ctx` long.
+
+    With several sequences each gets its own KV stream (`kv_unified = false`): attention then
+    reads only that sequence's cells, which llama-batched-bench measures as 2–3× faster than one
+    shared stream when the sequences share nothing. The sequence-0 helpers (`decode`,
+    `decode_one`, `eval`, `keep`, `reset`, `n_past`) serve the one-sequence callers: bench, eval.
+    """
+
+    def __init__(self, model: Model, n_ctx: int = 2048, n_batch: int = 512, threads: int | None = None, n_seq_max: int = 1):
+        self.ptr = None
+        self.model = model
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx * n_seq_max
+        params.n_seq_max = n_seq_max
+        params.kv_unified = False
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_batch, 512)
+        params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
+        params.no_perf = False
+        self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise LlamaError(f"llama.cpp could not create a context of {n_seq_max} × {n_ctx} tokens", "try a smaller --ctx or --parallel")
+        self.n_seq_max = n_seq_max
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ptr)  # per sequence; llama.cpp pads it to 256
+        # llama.cpp caps n_batch at the (padded) context: a larger batch would abort in llama_decode.
+        self.n_batch = llama_cpp.llama_n_batch(self.ptr)
+        self._memory = llama_cpp.llama_get_memory(self.ptr)
+        self.batch = Batch(self.n_batch)
+        self._all: list[np.ndarray] = []
+        self.n_past = 0
+
+    # ------------------------------------------------------------ sequences and batches
+
+    def run(self, batch: Batch) -> None:
+        """One `llama_decode` of everything in `batch`."""
+        raw = batch.raw
+        raw.n_tokens = batch.n
+        status = llama_cpp.llama_decode(self.ptr, raw)
+        if status != 0:
+            raise LlamaError(f"llama.cpp failed to decode a batch of {batch.n} tokens (llama_decode returned {status})")
+
+    def logits(self, n_outputs: int) -> np.ndarray:
+        """A view (no copy) of the last batch's output rows, [n_outputs, n_vocab], in batch order;
+        valid until the next decode."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ptr), shape=(n_outputs, self.model.n_vocab))
+
+    def seq_keep(self, seq: int, n: int) -> None:
+        """Keep the first `n` cached positions of `seq`, drop the rest."""
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, n, -1)
+
+    def seq_remove(self, seq: int, start: int, stop: int) -> None:
+        """Drop the cached positions [start, stop) of `seq`."""
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, start, stop)
+
+    def seq_shift(self, seq: int, start: int, stop: int, delta: int) -> None:
+        """Move the cached positions [start, stop) of `seq` by `delta`. Exact for Refact: ALiBi
+        reads positions at attention time, nothing positional is baked into the cached keys."""
+        if delta:
+            llama_cpp.llama_memory_seq_add(self._memory, seq, start, stop, delta)
+
+    # ------------------------------------------------------------ sequence 0
+
+    def reset(self) -> None:
+        llama_cpp.llama_memory_clear(self._memory, True)
+        self.n_past = 0
+
+    def keep(self, n: int) -> None:
+        """Keep the first `n` cached tokens of sequence 0, drop the rest."""
+        if n < self.n_past:
+            self.seq_keep(0, n)
+            self.n_past = n
+
+    def decode(self, tokens: list[int], all_logits: bool = False) -> None:
+        """Append tokens to sequence 0, a batch at a time; logits for the last one (or all)."""
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise InputError(f"{self.n_past + len(tokens)} tokens do not fit the context of {self.n_ctx}", "raise --ctx")
+        b = self.batch
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            b.clear()
+            b.add(0, chunk, self.n_past, output_last=start + len(chunk) == len(tokens), output_all=all_logits)
+            self.run(b)
+            self.n_past += len(chunk)
+            if all_logits:
+                self._all.append(self.logits(len(chunk)).copy())
+
+    def decode_one(self, token: int) -> None:
+        """The generation step of sequence 0: one token at the next position, logits on. Only the
+        fields that change are written, so the per-token cost in Python stays a few microseconds."""
+        b = self.batch
+        if b.n != 1 or b.n_outputs != 1 or b.seq[0] != 0:
+            b.clear()
+            b.add(0, [token], self.n_past, output_last=True)
+        b.token[0] = token
+        b.pos[0] = self.n_past
+        self.run(b)
+        self.n_past += 1
+
+    def logits_last(self) -> np.ndarray:
+        """A view (no copy) of the last decoded position's logits, valid until the next decode."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ptr, -1), shape=(self.model.n_vocab,))
+
+    def synchronize(self) -> None:
+        """Wait for queued GPU work (a no-op on the CPU): timings must include it."""
+        llama_cpp.llama_synchronize(self.ptr)
+
+    def eval(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+        """decode() and return a copy of the logits: of the last token [n_vocab] or all [n, n_vocab]."""
+        self._all = []
+        self.decode(tokens, all_logits)
+        if all_logits:
+            return np.concatenate(self._all) if self._all else np.empty((0, self.model.n_vocab), np.float32)
+        return self.logits_last().copy()
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def sequence_logits(path: Path, tokens: list[int], threads: int | None = None) -> np.ndarray:
+    """Logits at every position of one sequence: the check that a GGUF computes what it should."""
+    with Model(path) as model, Context(model, n_ctx=max(64, len(tokens)), n_batch=max(32, len(tokens)), threads=threads) as ctx:
+        logits = ctx.eval(tokens, all_logits=True)
+    if not np.isfinite(logits).all():
+        raise ModelFileError(f"{Path(path).name} produced non-finite logits")
+    return logits
