@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The serving engine on the GPU machine (no network), against llama.cpp's own tools, same build:
+#   batched: llama-batched-bench -npp 1500 -ntg 16 -npl 1,8,32 (a KV stream per sequence) and
+#            `refact-gguf bench --parallel 1,8,32 -p 1500 --n-gen 16`, alternating, 2 rounds;
+#   team:    benchmarks/team_replay.py for N = 1, 8, 32 typists against `refact-gguf serve --parallel N`
+#            and `llama-server -np N` (4096 tokens per slot, per-slot KV), alternating, a fresh server each run.
+#   bash benchmarks/gpu_team.sh [all|batched|team]
+# llama.cpp is built from the carried sdist into .gpu/ (ignored by git), which a warm machine keeps
+# between calls. Needs, carried beside the repo: .whl/ and .sdist/llama-src.tar.gz (docs/benchmarks.md).
+set -uo pipefail
+STEPS=${1:-all}
+OUT=${OUT:-/tmp/out}
+W=$PWD/.gpu
+mkdir -p "$OUT" "$W"
+T0=$(date +%s)
+log() { echo "[$(($(date +%s) - T0))s] $*" | tee -a "$OUT/steps.log"; }
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+[ -d "$W/src" ] || { mkdir -p "$W/src" && tar xzf .sdist/llama-src.tar.gz -C "$W/src"; }
+export PYTHONPATH="/tmp/site:$PWD:$W/src/llama_cpp_python-0.3.36"
+SRC=$W/src/llama_cpp_python-0.3.36/vendor/llama.cpp
+B=$W/lb/bin
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/steps.log"
+
+if [ ! -x "$B/llama-batched-bench" ]; then
+    log "build llama.cpp (CUDA sm_90)"
+    cmake -S "$SRC" -B "$W/lb" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+        -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
+        -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL" > "$W/build.log" 2>&1
+    cmake --build "$W/lb" --target llama llama-server llama-batched-bench -j 16 >> "$W/build.log" 2>&1 || { log "build failed"; tail -30 "$W/build.log"; exit 1; }
+    log "built"
+fi
+export LLAMA_CPP_LIB_PATH=$B LD_LIBRARY_PATH=$B
+
+M=$W/m/Refact-1_6B-fim.Q4_K_M.gguf
+if [ ! -f "$M" ]; then
+    log "full-size synthetic model → Q4_K_M"
+    python3 - <<EOF
+from pathlib import Path
+from refact_gguf import catalog
+from refact_gguf.convert import convert
+from refact_gguf.convert.synthetic import SyntheticSpec, write_checkpoint
+write_checkpoint(Path("/tmp/hf"), SyntheticSpec.full_size(dtype="float16"))
+convert(Path("/tmp/hf"), Path("$W/m"), "f16", catalog.load().select("Q4_K_M"), threads=16, use_imatrix=False)  # speed does not depend on it
+EOF
+    rm -rf /tmp/hf "$W/m/Refact-1_6B-fim.F16.gguf"
+    log "model ready"
+fi
+
+if [ "$STEPS" != team ]; then
+    for round in 1 2; do
+        for side in ours theirs; do
+            [ $round = 2 ] && side=$([ $side = ours ] && echo theirs || echo ours)
+            log "batched round $round: $side"
+            if [ $side = theirs ]; then
+                "$B/llama-batched-bench" -m "$M" -ngl 99 -t 16 -c 49152 -b 2048 -ub 512 --no-kv-unified \
+                    -npp 1500 -ntg 16 -npl 1,8,32 2>/dev/null | grep "^|" | tee -a "$OUT/batched_llama.md"
+            else
+                python3 -m refact_gguf bench -m "$M" --gpu-layers 99 -t 16 --parallel 1,8,32 -p 1500 --n-gen 16 --json \
+                    | tee -a "$OUT/batched_ours.json"
+            fi
+        done
+    done
+fi
+[ "$STEPS" = batched ] && exit 0
+
+wait_up() { for _ in $(seq 120); do curl -sf "http://127.0.0.1:$1/health" > /dev/null && return 0; sleep 0.5; done; return 1; }
+for n in 1 8 32; do
+    for round in 1 2; do
+        for side in ours theirs; do
+            [ $round = 2 ] && side=$([ $side = ours ] && echo theirs || echo ours)
+            if [ $side = ours ]; then
+                python3 -m refact_gguf serve -m "$M" --gpu-layers 99 -t 16 --parallel $n --queue 64 --port 8012 > "$W/serve.log" 2>&1 &
+                port=8012
+            else
+                "$B/llama-server" -m "$M" -ngl 99 -t 16 -np $n -c $((4096 * n)) --no-kv-unified --cache-reuse 256 \
+                    --spm-infill --port 8089 > "$W/llama_server.log" 2>&1 &
+                port=8089
+            fi
+            pid=$!
+            if wait_up $port; then
+                python3 benchmarks/team_replay.py --url "http://127.0.0.1:$port" --typists $n --keystrokes 6 \
+                    --label "$side round $round" --json "$OUT/team.jsonl" | tee -a "$OUT/steps.log"
+            else
+                log "$side did not start"; tail -5 "$W/serve.log" "$W/llama_server.log"
+            fi
+            kill $pid; wait $pid 2>/dev/null
+        done
+    done
+done
+log "done"

@@ -1,0 +1,125 @@
+"""A team typing at once: N people, each in a different standard-library file, one /infill per
+keystroke, the next keystroke sent when the suggestion arrives. Works against any server that
+speaks llama-server's /infill (refact-gguf serve, llama-server).
+
+Each person's cursor is on a new line near line 110 of their file; the request carries what
+llama.vim sends (up to 256 lines before the cursor, 64 after, the typed part of the line in
+`prompt`). Phase 1: everyone's first (cold) request at once. Phase 2, after all have answered:
+`--keystrokes` warm keystrokes each. Greedy for every server alike (`top_k: 1`,
+`samplers: ["top_k"]`, temperature 0); tokens evaluated and generated are reported beside latency.
+
+    python benchmarks/team_replay.py --url http://127.0.0.1:8012 --typists 8
+    python benchmarks/team_replay.py --url http://127.0.0.1:8080 --typists 8 --label llama-server --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+LINE = "    result = normalize(value, strict=True)"
+
+
+def files(n: int) -> list[Path]:
+    """n different standard-library modules of a few hundred lines, spread over the alphabet."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    pool = sorted(p for p in root.glob("*.py") if 200 <= p.read_text(errors="replace").count("\n") and p.stat().st_size < 120_000)
+    step = max(1, len(pool) // n)
+    return pool[::step][:n]
+
+
+def requests(path: Path, keystrokes: int, n_predict: int) -> list[dict]:
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    cursor = min(110, len(lines) - 65)
+    prefix = "".join(lines[max(0, cursor - 256) : cursor])
+    suffix = "\n" + "".join(lines[cursor : cursor + 64])
+    step = max(1, len(LINE) // (keystrokes + 1))
+    return [{
+        "input_prefix": prefix, "input_suffix": suffix, "input_extra": [], "prompt": LINE[: k * step],
+        "n_predict": n_predict, "n_indent": 0, "top_k": 1, "samplers": ["top_k"], "temperature": 0.0,
+        "stream": False, "cache_prompt": True, "t_max_prompt_ms": 600000, "t_max_predict_ms": 600000,
+    } for k in range(keystrokes + 1)]
+
+
+def replay(url: str, typists: int, keystrokes: int, n_predict: int) -> dict:
+    plans = [requests(p, keystrokes, n_predict) for p in files(typists)]
+    rows: list[dict] = []
+    lock = threading.Lock()
+    cold_done = threading.Barrier(typists + 1)
+    warm_go = threading.Event()
+
+    def send(client: httpx.Client, who: int, k: int, body: dict) -> None:
+        t0 = time.perf_counter()
+        try:
+            r = client.post(f"{url}/infill", json=body)
+            ok = r.status_code == 200
+            data = r.json() if ok else {}
+        except httpx.HTTPError:
+            ok, data = False, {}
+        t = data.get("timings", {})
+        with lock:
+            rows.append({"who": who, "k": k, "ms": (time.perf_counter() - t0) * 1e3, "ok": ok,
+                         "prompt_n": t.get("prompt_n", 0), "predicted_n": t.get("predicted_n", 0), "end": time.perf_counter()})
+
+    def typist(who: int) -> None:
+        with httpx.Client(timeout=900) as client:
+            send(client, who, 0, plans[who][0])
+            cold_done.wait()
+            warm_go.wait()
+            for k, body in enumerate(plans[who][1:], 1):
+                send(client, who, k, body)
+
+    threads = [threading.Thread(target=typist, args=(i,)) for i in range(typists)]
+    for t in threads:
+        t.start()
+    cold_done.wait()
+    t_warm = time.perf_counter()
+    warm_go.set()
+    for t in threads:
+        t.join()
+    cold = [r for r in rows if r["k"] == 0]
+    warm = [r for r in rows if r["k"] > 0]
+    warm_ok = [r for r in warm if r["ok"]]
+    warm_wall = max(r["end"] for r in warm) - t_warm if warm else 0.0
+    ms = sorted(r["ms"] for r in warm_ok)
+
+    def pct(p: float) -> float:
+        return round(ms[min(len(ms) - 1, int(p * len(ms)))], 1) if ms else float("nan")
+
+    return {
+        "typists": typists, "keystrokes": keystrokes, "n_predict": n_predict,
+        "cold_p50_ms": round(statistics.median(r["ms"] for r in cold), 1),
+        "cold_mean_prompt_n": round(statistics.mean(r["prompt_n"] for r in cold), 1),
+        "warm_p50_ms": pct(0.5), "warm_p95_ms": pct(0.95),
+        "warm_tokens_per_s": round(sum(r["predicted_n"] for r in warm_ok) / warm_wall, 1) if warm_wall else 0.0,
+        "warm_mean_prompt_n": round(statistics.mean(r["prompt_n"] for r in warm_ok), 2) if warm_ok else 0.0,
+        "warm_mean_predicted_n": round(statistics.mean(r["predicted_n"] for r in warm_ok), 2) if warm_ok else 0.0,
+        "errors": sum(not r["ok"] for r in rows),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--typists", type=int, default=8)
+    ap.add_argument("--keystrokes", type=int, default=6)
+    ap.add_argument("--n-predict", type=int, default=16)
+    ap.add_argument("--label", default="")
+    ap.add_argument("--json", type=Path, help="append the summary as one JSON line")
+    args = ap.parse_args()
+    summary = {"label": args.label, **replay(args.url.rstrip("/"), args.typists, args.keystrokes, args.n_predict)}
+    print(json.dumps(summary))
+    if args.json:
+        with args.json.open("a") as f:
+            f.write(json.dumps(summary) + "\n")
+
+
+if __name__ == "__main__":
+    main()
