@@ -4,7 +4,7 @@
 #            `refact-gguf bench --parallel 1,8,32 -p 1500 --n-gen 16`, alternating, 2 rounds;
 #   team:    benchmarks/team_replay.py for N = 1, 8, 32 typists against `refact-gguf serve --parallel N`
 #            and `llama-server -np N` (4096 tokens per slot, per-slot KV), alternating, a fresh server each run.
-#   bash benchmarks/gpu_team.sh [all|batched|team]
+#   bash benchmarks/gpu_team.sh [all|batched|team|setup]
 # llama.cpp is built from the carried sdist into .gpu/ (ignored by git), which a warm machine keeps
 # between calls. Needs, carried beside the repo: .whl/ and .sdist/llama-src.tar.gz (docs/benchmarks.md).
 set -uo pipefail
@@ -47,6 +47,7 @@ EOF
     log "model ready"
 fi
 
+[ "$STEPS" = setup ] && exit 0
 if [ "$STEPS" != team ]; then
     for round in 1 2; do
         for side in ours theirs; do

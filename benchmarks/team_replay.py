@@ -10,6 +10,7 @@ llama.vim sends (up to 256 lines before the cursor, 64 after, the typed part of 
 
     python benchmarks/team_replay.py --url http://127.0.0.1:8012 --typists 8
     python benchmarks/team_replay.py --url http://127.0.0.1:8080 --typists 8 --label llama-server --json out.json
+    python benchmarks/team_replay.py --model M.gguf --gpu-layers 99 --typists 8   # the engine in-process, no HTTP
 """
 
 from __future__ import annotations
@@ -48,33 +49,55 @@ def requests(path: Path, keystrokes: int, n_predict: int) -> list[dict]:
     } for k in range(keystrokes + 1)]
 
 
-def replay(url: str, typists: int, keystrokes: int, n_predict: int) -> dict:
+def http_sender(url: str):
+    """One request over HTTP: (ok, timings)."""
+    local = threading.local()
+
+    def send(body: dict) -> tuple[bool, dict]:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=900)
+        try:
+            r = local.client.post(f"{url}/infill", json=body)
+        except httpx.HTTPError:
+            return False, {}
+        return r.status_code == 200, r.json().get("timings", {}) if r.status_code == 200 else {}
+
+    return send
+
+
+def engine_sender(engine):
+    """One request straight to refact-gguf's engine, built as the server builds it."""
+    from refact_gguf import tasks
+
+    def send(body: dict) -> tuple[bool, dict]:
+        task = tasks.fim(engine.model.tokenize_cached, engine.n_ctx, body["input_prefix"], body["input_suffix"],
+                         max_tokens=body["n_predict"], line=body["prompt"])
+        c = engine.run(task)
+        return True, {"prompt_n": c.tokens_evaluated, "predicted_n": c.tokens_predicted}
+
+    return send
+
+
+def replay(send, typists: int, keystrokes: int, n_predict: int) -> dict:
     plans = [requests(p, keystrokes, n_predict) for p in files(typists)]
     rows: list[dict] = []
     lock = threading.Lock()
     cold_done = threading.Barrier(typists + 1)
     warm_go = threading.Event()
 
-    def send(client: httpx.Client, who: int, k: int, body: dict) -> None:
+    def one(who: int, k: int, body: dict) -> None:
         t0 = time.perf_counter()
-        try:
-            r = client.post(f"{url}/infill", json=body)
-            ok = r.status_code == 200
-            data = r.json() if ok else {}
-        except httpx.HTTPError:
-            ok, data = False, {}
-        t = data.get("timings", {})
+        ok, t = send(body)
         with lock:
             rows.append({"who": who, "k": k, "ms": (time.perf_counter() - t0) * 1e3, "ok": ok,
                          "prompt_n": t.get("prompt_n", 0), "predicted_n": t.get("predicted_n", 0), "end": time.perf_counter()})
 
     def typist(who: int) -> None:
-        with httpx.Client(timeout=900) as client:
-            send(client, who, 0, plans[who][0])
-            cold_done.wait()
-            warm_go.wait()
-            for k, body in enumerate(plans[who][1:], 1):
-                send(client, who, k, body)
+        one(who, 0, plans[who][0])
+        cold_done.wait()
+        warm_go.wait()
+        for k, body in enumerate(plans[who][1:], 1):
+            one(who, k, body)
 
     threads = [threading.Thread(target=typist, args=(i,)) for i in range(typists)]
     for t in threads:
@@ -107,14 +130,29 @@ def replay(url: str, typists: int, keystrokes: int, n_predict: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", required=True)
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running server")
+    where.add_argument("--model", type=Path, help="run refact-gguf's engine in this process instead (no HTTP)")
+    ap.add_argument("--gpu-layers", default="0")
+    ap.add_argument("--threads", type=int)
     ap.add_argument("--typists", type=int, default=8)
     ap.add_argument("--keystrokes", type=int, default=6)
     ap.add_argument("--n-predict", type=int, default=16)
     ap.add_argument("--label", default="")
     ap.add_argument("--json", type=Path, help="append the summary as one JSON line")
     args = ap.parse_args()
-    summary = {"label": args.label, **replay(args.url.rstrip("/"), args.typists, args.keystrokes, args.n_predict)}
+    if args.url:
+        summary = replay(http_sender(args.url.rstrip("/")), args.typists, args.keystrokes, args.n_predict)
+    else:
+        from refact_gguf.engine import Engine
+        from refact_gguf.llama import Model
+        from refact_gguf.select import gpu_layers
+
+        with Model(args.model, gpu_layers(args.gpu_layers, args.model)) as model, \
+                Engine(model, parallel=args.typists, threads=args.threads).start() as engine:
+            summary = replay(engine_sender(engine), args.typists, args.keystrokes, args.n_predict)
+            summary["engine"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(engine.stats).items()}
+    summary = {"label": args.label, **summary}
     print(json.dumps(summary))
     if args.json:
         with args.json.open("a") as f:

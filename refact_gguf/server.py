@@ -17,7 +17,7 @@ import hmac
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, AsyncIterator, Callable, Literal
 
 from fastapi import APIRouter, FastAPI, Request
@@ -254,7 +254,8 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request):
-    return {"status": "ok", **request.app.state.service.engine.load()}
+    engine = request.app.state.service.engine
+    return {"status": "ok", **engine.load(), "engine": asdict(engine.stats)}
 
 
 @router.get("/v1/models")

@@ -170,3 +170,16 @@ def test_the_engine_thread_serves_many_submitters(model, prompts, expected):
             texts = list(pool.map(lambda i: engine.run(Task(list(prompts[i % 5]), 12)).text, range(16)))
         assert texts == [expected[i % 5] for i in range(16)]
         assert engine.load() == {"slots": 4, "busy": 0, "waiting": 0}
+
+
+def test_an_idle_slot_between_busy_ones_keeps_its_cache(model, prompts, expected):
+    """Busy slots 0 and 2 with slot 1 idle: the batch fills the gap with a token for slot 1 (so
+    llama.cpp runs one ubatch, not two), which must leave slot 1's cache as it was."""
+    with Engine(model, n_ctx=N_CTX, parallel=3, threads=2) as engine:
+        drive(engine, [engine.submit(Task(list(p), 12)) for p in prompts[:3]])
+        fillers = engine.stats.fillers
+        outer = drive(engine, [engine.submit(Task(list(prompts[i]), 12)) for i in (0, 2)])
+        assert engine.stats.fillers > fillers
+        (middle,) = drive(engine, [engine.submit(Task(list(prompts[1]), 12))])
+    assert [c.text for c in outer] == [expected[0], expected[2]]
+    assert middle.tokens_evaluated == 1 and middle.text == expected[1]
