@@ -184,7 +184,7 @@ def run(
     with _runtime(model, ctx_size, gpu_layers, threads) as rt:
         write = lambda text: (out.file.write(text), out.file.flush())  # noqa: E731 - raw text, no markup
         if fim_mode:
-            result = rt.fim(before, after, order=fim_order, max_tokens=max_tokens, multiline=not single_line,
+            result = rt.fim(before, after, order=fim_order.lower(), max_tokens=max_tokens, multiline=not single_line,
                             sampling=sampling, on_text=write)
         else:
             result = rt.complete(prompt, max_tokens=max_tokens, sampling=sampling, on_text=write)

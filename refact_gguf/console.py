@@ -20,7 +20,7 @@ from rich.progress import (
 
 from .progress import Progress
 
-out = Console(highlight=False)
+out = Console(highlight=False, soft_wrap=True)  # results: never hard-wrapped, so pipes get whole paths
 err = Console(stderr=True, highlight=False)
 
 

@@ -27,6 +27,9 @@ from .runtime import REUSE_CHUNK, OnText, Slot
 from .tasks import Completion, Task
 
 
+DRIBBLE = 32  # prompts up to this many new tokens are fed one token a step when the batch is shared
+
+
 class Handle:
     """A submitted task: `cancel()` it, `wait()` for its Completion. Callbacks run on the
     engine thread: `on_text` with each piece of text that is final, `on_done` once at the end."""
@@ -232,15 +235,18 @@ class Engine:
                 self._done(slot, slot.finish("time"))
         if not self._active:
             return
-        # Prompt tokens: each filling slot gets at least one, the rest goes first come, first served.
+        # Prompt tokens: every filling slot gets one. Beyond that, a slot's tokens go to a ubatch of
+        # their own (one more pass over the weights for the whole step), worth it only for a long
+        # prompt: the few tokens a keystroke adds go one per step while others share the batch.
         busy = {slot.seq: slot for slot in self._active}
         lo, hi = min(busy), max(busy)
         room = batch.capacity - (hi - lo + 1)
         chunk: dict[Slot, int] = {}
         for slot in self._active:
             if not slot.generating:
-                chunk[slot] = 1 + min(len(slot.todo) - 1, room)
-                room -= chunk[slot] - 1
+                more = min(len(slot.todo) - 1, room) if len(busy) == 1 or len(slot.todo) > DRIBBLE else 0
+                chunk[slot] = 1 + more
+                room -= more
         batch.clear()
         outputs: list[tuple[Slot, int]] = []  # (slot, batch row), in batch order: output k is logits row k
         fillers: list[Slot] = []

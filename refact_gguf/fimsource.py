@@ -5,16 +5,24 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .errors import RefactGGUFError
+from .errors import InputError, RefactGGUFError
 
 CURSOR = "<CURSOR>"
 
 
+def _utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})",
+                         "convert it first, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def _read(path: Path) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return _utf8(Path(path).read_bytes(), str(path))
     except OSError as e:
-        raise RefactGGUFError(f"cannot read {path}: {e.strerror}") from None
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
 
 
 def split_at(text: str, line: int, col: int) -> tuple[str, str]:
@@ -42,7 +50,7 @@ def read_fim_input(prefix, suffix, prefix_file, suffix_file, file, line, col, st
     stream = stdin or sys.stdin
     if stream.isatty():
         raise RefactGGUFError("no code given", f"pass --prefix/--suffix, --file with --line, or pipe code containing {CURSOR}")
-    text = stream.read()
+    text = _utf8(stream.buffer.read(), "standard input") if hasattr(stream, "buffer") else stream.read()
     if CURSOR not in text:
         raise RefactGGUFError(f"standard input has no {CURSOR} marker", f"put {CURSOR} where the completion goes")
     before, _, after = text.partition(CURSOR)

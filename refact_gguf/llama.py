@@ -61,8 +61,12 @@ class Model:
         ) if not vocab_only else frozenset()
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
-        """Text → ids, no BOS. With special=False, "<fim_suffix>" in the text is plain text."""
-        data = text.encode("utf-8")
+        """Text → ids, no BOS. With special=False, "<fim_suffix>" in the text is plain text.
+        A lone surrogate (valid JSON, not valid text) becomes U+FFFD instead of failing."""
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            data = text.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace").encode("utf-8")
         cap = len(data) + 8
         buf = (llama_cpp.llama_token * cap)()
         n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, False, special)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import platform
 import struct
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ def inspect(path: Path) -> GGUFInfo:
     arch = kv.get("general.architecture")
     if arch != ARCH:
         raise ModelFileError(f"{path.name} is a {arch or 'unknown'} model, not Refact ({ARCH})")
+    _check_hyperparameters(path.name, kv)
     for name, qtype, n_elements, offset in tensors:
         if qtype not in _QUANT_SIZES:
             raise ModelFileError(f"{path.name}: tensor {name} has unknown type {qtype}")
@@ -124,6 +126,27 @@ def inspect(path: Path) -> GGUFInfo:
 
 
 _QUANT_SIZES = {int(k): v for k, v in gguf.GGML_QUANT_SIZES.items()}
+
+# What a Refact model's hyperparameters can be. llama.cpp aborts (or divides by zero) on some
+# values outside these, so a file is refused before it sees them.
+_INT_RANGES = {"block_count": (1, 512), "context_length": (1, 1 << 20), "embedding_length": (1, 1 << 16),
+               "feed_forward_length": (1, 1 << 18), "attention.head_count": (1, 1024), "attention.head_count_kv": (1, 1024)}
+
+
+def _check_hyperparameters(name: str, kv: dict) -> None:
+    def bad(key: str, value) -> ModelFileError:
+        return ModelFileError(f"{name} is corrupt: {ARCH}.{key} = {value!r} is not a possible value", "re-download or re-convert it")
+
+    for key, (lo, hi) in _INT_RANGES.items():
+        value = kv.get(f"{ARCH}.{key}")
+        if value is not None and (not isinstance(value, int) or not lo <= value <= hi):
+            raise bad(key, value)
+    eps = kv.get(f"{ARCH}.attention.layer_norm_rms_epsilon")
+    if eps is not None and not (isinstance(eps, float) and math.isfinite(eps) and 0 < eps < 1):
+        raise bad("attention.layer_norm_rms_epsilon", eps)
+    heads, embd = kv.get(f"{ARCH}.attention.head_count"), kv.get(f"{ARCH}.embedding_length")
+    if heads and embd and embd % heads:
+        raise bad("attention.head_count", heads)
 
 
 def _parse(buf: bytes):

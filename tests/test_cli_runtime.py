@@ -90,3 +90,12 @@ def test_a_known_bad_llama_build_is_named_before_it_can_crash(q4_model, monkeypa
     assert r.exit_code == 0, r.output
     assert "warning: llama.cpp build problem: libggml-cuda.so exports its own copy of libstdc++" in r.stderr
     assert "bash scripts/setup.sh" in r.stderr
+
+
+def test_non_utf8_input_is_one_line(tmp_path, q4_model):
+    src = tmp_path / "latin1.py"
+    src.write_bytes("s = 'café'\n".encode("latin-1"))
+    r = runner.invoke(app, ["run", "--fim", "--file", str(src), "--line", "1", "-m", str(q4_model)])
+    assert r.exit_code == 1 and "not UTF-8 text" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["run", "--fim", "--fim-order", "xyz", "--prefix", "a", "-m", str(q4_model)])
+    assert r.exit_code == 1 and "unknown FIM order" in r.output and "Traceback" not in r.output

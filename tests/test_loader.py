@@ -82,3 +82,22 @@ def test_installed_llama_cpp_has_no_build_problem():
     libs = loader._backend_libraries()
     assert any(p.name.startswith("libggml-base") for p in libs)
     assert loader.build_problems() == []
+
+
+@pytest.mark.parametrize("key,value,adder", [
+    ("block_count", 0, "add_uint32"), ("block_count", 4096, "add_uint32"),
+    ("attention.layer_norm_rms_epsilon", float("nan"), "add_float32"),
+    ("attention.layer_norm_rms_epsilon", -1e-5, "add_float32"),
+])
+def test_impossible_hyperparameters_are_refused_before_llama_cpp(tmp_path, key, value, adder):
+    """Values that passed the header check and then aborted llama.cpp."""
+    path = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(path, "refact")
+    getattr(w, adder)(f"refact.{key}", value)
+    w.add_tensor("x.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelFileError, match=f"refact.{key} = .* is not a possible value"):
+        Model(path)

@@ -15,6 +15,7 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from refact_gguf import tasks
 from refact_gguf.engine import Engine
 from refact_gguf.llama import Model
 from refact_gguf.server import Limits, create_app
@@ -249,3 +250,24 @@ def test_cors_preflight_passes_before_the_key_check(q4_model):
         assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://localhost:5173"
         denied = httpx.post(f"{u}/v1/completions", json={"prompt": "x"}, headers={"Origin": "http://localhost:5173"})
         assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "http://localhost:5173"
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/infill", {"input_prefix": "x = '\ud800'", "input_suffix": "\ud800", "prompt": "\udfff", "n_predict": 2}),
+    ("/v1/completions", {"prompt": "s = '\ud800", "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800?"}], "max_tokens": 2}),
+])
+def test_a_lone_surrogate_is_text_not_a_500(url, path, body):
+    r = httpx.post(f"{url}{path}", content=json.dumps(body), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_a_context_under_256_tokens_takes_a_long_prompt(q4_model):
+    """llama.cpp pads such a context to 256 and caps its batch there; a longer batch aborted."""
+    model = Model(q4_model)
+    try:
+        with Engine(model, n_ctx=128, parallel=1, threads=1).start() as eng:
+            task = tasks.fim(model.tokenize_cached, eng.n_ctx, PREFIX * 20, SUFFIX, max_tokens=8)
+            assert len(task.prompt) > 200 and eng.run(task).tokens_predicted <= 8
+    finally:
+        model.close()
