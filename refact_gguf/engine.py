@@ -82,7 +82,7 @@ class Engine:
     """`submit` tasks from any thread; the engine thread runs them, batched."""
 
     def __init__(self, model: Model, n_ctx: int = 4096, parallel: int = 1, threads: int | None = None,
-                 n_batch: int = 512, max_queue: int = 16):
+                 n_batch: int = 512, max_queue: int = 16, full_batches: bool | None = None):
         if parallel > n_batch:
             raise InputError(f"--parallel {parallel} is more than a batch of {n_batch} tokens can serve")
         self.model = model
@@ -90,6 +90,11 @@ class Engine:
         self.n_ctx = self.ctx.n_ctx
         self.slots = [Slot(self.ctx, seq) for seq in range(parallel)]
         self.max_queue = max_queue
+        # On a GPU a row costs next to nothing but a change of batch shape costs a new compute
+        # graph: every step then decodes one row per slot (fillers for idle ones) and reads every
+        # row's logits, so llama.cpp reuses its graph from step to step. On a CPU each row costs
+        # compute: only the gaps between busy slots are filled.
+        self.full_batches = model.n_gpu_layers > 0 if full_batches is None else full_batches
         self.stats = Stats()
         self._waiting: deque[Handle] = deque()
         self._active: dict[Slot, Handle] = {}  # in admission order: prompts are filled first come, first served
@@ -239,7 +244,7 @@ class Engine:
         # their own (one more pass over the weights for the whole step), worth it only for a long
         # prompt: the few tokens a keystroke adds go one per step while others share the batch.
         busy = {slot.seq: slot for slot in self._active}
-        lo, hi = min(busy), max(busy)
+        lo, hi = (0, len(self.slots) - 1) if self.full_batches else (min(busy), max(busy))
         room = batch.capacity - (hi - lo + 1)
         chunk: dict[Slot, int] = {}
         for slot in self._active:
@@ -248,34 +253,38 @@ class Engine:
                 chunk[slot] = 1 + more
                 room -= more
         batch.clear()
-        outputs: list[tuple[Slot, int]] = []  # (slot, batch row), in batch order: output k is logits row k
+        every = self.full_batches  # every row an output: the same n_outputs step after step
+        rows: list[tuple[Slot | None, int]] = []  # (slot or None for a row to ignore, batch row): output k is logits row k
         fillers: list[Slot] = []
         for seq in range(lo, hi + 1):
             slot = self.slots[seq]
             if slot.generating:
-                outputs.append((slot, batch.add(seq, (slot.next_token,), slot.pos, output_last=True)))
+                rows.append((slot, batch.add(seq, (slot.next_token,), slot.pos, output_last=True)))
             elif slot in chunk:
                 last = chunk[slot] == len(slot.todo)
-                row = batch.add(seq, slot.todo[: chunk[slot]], slot.pos, output_last=last)
-                if last:
-                    outputs.append((slot, row))
+                row = batch.add(seq, slot.todo[: chunk[slot]], slot.pos, output_last=last or (every and chunk[slot] == 1))
+                if last or (every and chunk[slot] == 1):
+                    rows.append((slot if last else None, row))
             elif slot.n_cached < self.n_ctx:  # idle: a filler keeps the run of ids unbroken
-                batch.add(seq, (0,), slot.n_cached)
+                row = batch.add(seq, (0,), slot.n_cached, output_last=every)
                 fillers.append(slot)
+                if every:
+                    rows.append((None, row))
         t0 = time.perf_counter()
         ctx.run(batch)
         t1 = time.perf_counter()
         for slot in fillers:
             ctx.seq_keep(slot.seq, slot.n_cached)
-        for slot, _ in outputs:
+        outputs = [(slot, k, row) for k, (slot, row) in enumerate(rows) if slot is not None]
+        for slot, _, _ in outputs:
             if slot.generating:
                 slot.token_done()
         for slot, n in chunk.items():
             slot.prompt_done(n)
-        logits = ctx.logits(len(outputs))
+        logits = ctx.logits(len(rows))
         # One argmax over every row when all are greedy (the common case: code completion).
-        greedy = logits.argmax(axis=1) if all(s.greedy for s, _ in outputs) else None
-        for k, (slot, row) in enumerate(outputs):
+        greedy = logits.argmax(axis=1) if all(s.greedy for s, _, _ in outputs) else None
+        for slot, k, row in outputs:
             if slot.max_tokens == 0:
                 self._done(slot, slot.finish("max_tokens"))
                 continue

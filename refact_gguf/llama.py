@@ -48,6 +48,7 @@ class Model:
         self.ptr = None  # set before anything can fail: __del__ runs on half-built objects too
         self.path = Path(path)
         self.ptr = load_model(self.path, n_gpu_layers, vocab_only)
+        self.n_gpu_layers = n_gpu_layers
         self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)

@@ -70,9 +70,11 @@ def test_batched_logits_agree_with_single_sequence_logits(model, prompts):
     assert all(rows[i].argmax() == singles[i].argmax() for i in range(3))
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["gaps filled", "full batches"])
 @pytest.mark.parametrize("order", ["together", "staggered", "reversed"])
-def test_a_batched_task_gets_what_it_gets_alone(model, prompts, expected, order):
-    with Engine(model, n_ctx=N_CTX, parallel=3, threads=2, n_batch=64) as engine:  # small batches: prompts are chunked
+def test_a_batched_task_gets_what_it_gets_alone(model, prompts, expected, order, full):
+    # small batches: prompts are chunked; "full batches" is the GPU layout (a row for every slot)
+    with Engine(model, n_ctx=N_CTX, parallel=4, threads=2, n_batch=64, full_batches=full) as engine:
         todo = list(range(len(prompts)))[:: -1 if order == "reversed" else 1]
         handles, ticks = {}, 0
         while todo or not all(h.done for h in handles.values()):
@@ -111,8 +113,9 @@ def test_greedy_and_sampled_tasks_share_a_step(model, prompts, expected):
     assert greedy.text == expected[0] and hot.text == want
 
 
-def test_cancel_mid_batch_leaves_the_others_untouched(model, prompts, expected):
-    with Engine(model, n_ctx=N_CTX, parallel=3, threads=2) as engine:
+@pytest.mark.parametrize("full", [False, True], ids=["gaps filled", "full batches"])
+def test_cancel_mid_batch_leaves_the_others_untouched(model, prompts, expected, full):
+    with Engine(model, n_ctx=N_CTX, parallel=3, threads=2, full_batches=full) as engine:
         handles = [engine.submit(Task(list(p), 12)) for p in prompts[:3]]
         for _ in range(4):
             engine.tick()
