@@ -40,12 +40,14 @@ class BenchResult:
     n_prompt: int
     n_gen: int
     reps: int
+    depth: int = 0  # tokens in the cache before each test
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: int, n_gen: int, reps: int) -> BenchResult:
+def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: int, n_gen: int, reps: int,
+                      depth: int = 0) -> BenchResult:
     import faulthandler
 
     import numpy as np
@@ -65,21 +67,30 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
     n_gpu = resolve_gpu_layers(gpu_layers, Path(path))
     t0 = time.perf_counter()
     model = Model(Path(path), n_gpu)
-    ctx = Context(model, n_ctx=n_prompt + n_gen, n_batch=n_prompt, threads=threads)
+    ctx = Context(model, n_ctx=depth + n_prompt + n_gen, n_batch=n_prompt, threads=threads)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, model.n_vocab - 100, n_prompt).tolist()
     gen = rng.integers(100, model.n_vocab - 100, n_gen).tolist()
+    # llama-bench's -d: every test starts with `depth` tokens already in the cache (not timed), as a
+    # server's does: attention then reads them for every new token.
+    context = rng.integers(100, model.n_vocab - 100, depth).tolist()
+
+    def fresh() -> None:
+        ctx.reset()
+        if context:
+            ctx.decode(context)
+            ctx.synchronize()
 
     def run_pp() -> float:
-        ctx.reset()
+        fresh()
         t = time.perf_counter()
         ctx.decode(prompt)
         ctx.synchronize()
         return n_prompt / (time.perf_counter() - t)
 
     def run_tg() -> float:
-        ctx.reset()
+        fresh()
         t = time.perf_counter()
         for tok in gen:
             ctx.decode_one(tok)
@@ -94,10 +105,10 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
     results = {"pp": mean_std(run_pp), "tg": mean_std(run_tg)}
     ctx.close()
     # What a user gets: greedy generation with detokenization and the FIM stop rules' callback.
-    with Runtime(model, n_ctx=n_prompt + n_gen + 16, threads=threads) as rt:
+    with Runtime(model, n_ctx=depth + n_prompt + n_gen + 16, threads=threads) as rt:
         def run_gen() -> float:
             rt.slot.clear()
-            done = rt.run(Task(prompt[:16], n_gen))
+            done = rt.run(Task(context + prompt[:16], n_gen))
             return done.tokens_predicted / (done.predicted_ms / 1e3) if done.predicted_ms else 0.0
 
         results["gen"] = mean_std(run_gen)
@@ -107,17 +118,18 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
         repack=repack_safe(), load_s=load_s, pp_tps=results["pp"][0], pp_std=results["pp"][1],
         tg_tps=results["tg"][0], tg_std=results["tg"][1], gen_tps=results["gen"][0], gen_std=results["gen"][1],
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        n_prompt=n_prompt, n_gen=n_gen, reps=reps,
+        n_prompt=n_prompt, n_gen=n_gen, reps=reps, depth=depth,
     )
 
 
 def bench(path: Path, threads: int | None = None, gpu_layers: str | int = 0, n_prompt: int = 512, n_gen: int = 128,
-          reps: int = 5, isolate: bool = True) -> BenchResult:
-    """Benchmark one GGUF; `isolate` runs it in a fresh process (clean load time and RSS)."""
+          reps: int = 5, isolate: bool = True, depth: int = 0) -> BenchResult:
+    """Benchmark one GGUF; `isolate` runs it in a fresh process (clean load time and RSS); `depth`
+    tokens in the cache before each test, like llama-bench's -d."""
     from .loader import inspect
 
     threads = threads or os.cpu_count() or 1
-    args = (str(path), threads, gpu_layers, n_prompt, n_gen, reps)
+    args = (str(path), threads, gpu_layers, n_prompt, n_gen, reps, depth)
     if not isolate:
         return _bench_in_process(*args)  # its load validates the file
     inspect(path)  # a bad file is a clear error here, before a child is started

@@ -395,6 +395,7 @@ def bench(
     n_prompt: Annotated[int, typer.Option("--n-prompt", "-p", min=1, help="Prompt tokens of the pp test.")] = 512,
     n_gen: Annotated[int, typer.Option("--n-gen", min=1, help="Tokens of the tg test.")] = 128,
     reps: Annotated[int, typer.Option("--reps", "-r", min=1, help="Repetitions (after one warm-up).")] = 5,
+    depth: Annotated[int, typer.Option("--depth", "-d", min=0, help="Tokens already in the cache before each test, like llama-bench -d (a server's file: ~1500).")] = 0,
     parallel: Annotated[Optional[str], typer.Option("--parallel", help="Batched decode through the serving engine, like llama-batched-bench: sequences per batch, comma-separated (1,8,32).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     verbose: Verbose = False,
@@ -409,6 +410,7 @@ def bench(
         refact-gguf bench -m Q4_K_M
         refact-gguf bench --quant Q4_K_M,Q8_0 --dir out -t 2
         refact-gguf bench -m model.gguf --gpu-layers auto --json
+        refact-gguf bench -m Q4_K_M -t 2 --depth 1500 -p 16 --n-gen 16     # what a keystroke pays
         refact-gguf bench -m model.gguf --gpu-layers 99 --parallel 1,8,32 -p 1500 --n-gen 16
     """
     import json
@@ -441,12 +443,12 @@ def bench(
     for path in paths:
         err.print(f"[dim]bench {path.name}…[/]")
         # Several models: each in a fresh process, so load time and peak RSS are its own.
-        results.append(run_bench(path, threads, gpu_layers, n_prompt, n_gen, reps, isolate=len(paths) > 1))
+        results.append(run_bench(path, threads, gpu_layers, n_prompt, n_gen, reps, isolate=len(paths) > 1, depth=depth))
     if as_json:
         out.print_json(json.dumps([r.as_dict() for r in results]))
         return
     r0 = results[0]
-    table = Table(title=f"pp{n_prompt} / tg{n_gen}, {reps} reps, {r0.threads} threads, repack {'on' if r0.repack else 'off'}")
+    table = Table(title=f"pp{n_prompt} / tg{n_gen}{f' @ depth {depth}' if depth else ''}, {reps} reps, {r0.threads} threads, repack {'on' if r0.repack else 'off'}")
     for col in ("model", "GiB", "GPU layers", "load s", f"pp{n_prompt} t/s", f"tg{n_gen} t/s", "gen t/s", "peak RSS MB"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in results:

@@ -21,6 +21,22 @@ def test_bench_reports_speed_and_memory(q4_model):
     assert r.n_prompt == 32 and r.n_gen == 8 and r.reps == 2
 
 
+def test_bench_at_depth_starts_each_test_after_a_filled_cache(q4_model, monkeypatch):
+    from refact_gguf import llama
+
+    positions = []
+    decode_one = llama.Context.decode_one
+
+    def spy(self, token):
+        positions.append(self.n_past)
+        decode_one(self, token)
+
+    monkeypatch.setattr(llama.Context, "decode_one", spy)
+    r = bench(q4_model, threads=2, n_prompt=16, n_gen=4, reps=1, isolate=False, depth=600)
+    assert r.depth == 600 and r.tg_tps > 0 and r.gen_tps > 0
+    assert positions and min(positions) == 600  # every tg token sits after the 600 cached ones
+
+
 def test_eval_reference_against_itself_is_zero(converted_f32):
     (r,) = evaluate(converted_f32.base, [converted_f32.base], n_chunks=1, chunk=128, n_fim=2, threads=2)
     assert r.mean_kl < 1e-3  # only the float16 storage of the reference log-probs
