@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,10 @@ from .progress import Progress  # noqa: E402
 
 CHUNK = 1 << 20
 DISK_MARGIN = 64 << 20
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX40 = re.compile(r"[0-9a-f]{40}")
 
 
 class HubError(RefactGGUFError):
@@ -146,6 +152,12 @@ def pull(
         raise _offline_error(quant, config, f"cannot reach {config.endpoint} ({type(e).__name__})") from None
     if not meta.etag or meta.size is None or not meta.commit_hash:
         raise HubError(f"the Hub sent incomplete metadata for {filename}", "try again later")
+    # Both name files here (blobs/<sha256>, snapshots/<commit>/): a mirror or a broken endpoint must
+    # not choose where we write, nor skip the hash check with an ETag that is not a sha256.
+    if not _HEX64.fullmatch(meta.etag) or not _HEX40.fullmatch(meta.commit_hash):
+        raise HubError(f"{config.endpoint} sent an unusable file id for {filename} (ETag {meta.etag[:80]!r}, "
+                       f"commit {meta.commit_hash[:80]!r}): expected a sha256 and a commit hash",
+                       "check HF_ENDPOINT; nothing was written")
 
     if local_dir is not None:
         final = Path(local_dir) / filename
@@ -156,8 +168,10 @@ def pull(
         partial = blobs / f"{meta.etag}.incomplete"
     try:
         partial.parent.mkdir(parents=True, exist_ok=True)
+        # A place that cannot hold a file (read-only, /proc) would make the lock below wait forever.
+        tempfile.TemporaryFile(dir=partial.parent).close()
     except OSError as e:
-        raise OutputError(f"cannot create {partial.parent}: {e.strerror}") from None
+        raise OutputError(f"cannot write in {partial.parent}: {e.strerror or e}", "choose another --local-dir") from None
 
     with FileLock(str(partial) + ".lock"):
         if not final.is_file() or force:
@@ -238,8 +252,7 @@ def _download(location: str, partial: Path, size: int, etag: str, quant: Quant, 
 
 
 def _check_sha(partial: Path, sha: str, etag: str, quant: Quant) -> None:
-    is_sha256 = len(etag) == 64 and all(c in "0123456789abcdef" for c in etag.lower())
-    if is_sha256 and sha != etag.lower():
+    if sha != etag:  # the ETag was checked to be a sha256 before anything was downloaded
         partial.unlink(missing_ok=True)
         raise HubError(
             f"{quant.name}: the downloaded file's sha256 {sha[:12]}… is not the Hub's {etag[:12]}…; the corrupt file was removed",

@@ -41,6 +41,7 @@ class Limits:
     max_body_bytes: int = 8 << 20
     max_predict: int = 1024
     max_queue: int = 16
+    body_timeout_s: float = 30.0  # a request body that stops arriving frees its connection after this
 
 
 @dataclass(frozen=True)
@@ -381,7 +382,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
     app.add_exception_handler(RefactGGUFError, _library_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_middleware(_Guard, api_key=api_key, max_body=limits.max_body_bytes)
+    app.add_middleware(_Guard, api_key=api_key, max_body=limits.max_body_bytes, body_timeout=limits.body_timeout_s)
     if cors_origins:  # added last, so outermost: a browser's preflight passes before the key check
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -390,11 +391,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
 
 
 class _Guard:
-    """API key and body size, checked before anything is read. A plain ASGI middleware: Starlette's
-    BaseHTTPMiddleware would tell a streaming response that its client had disconnected."""
+    """API key and body size, checked before anything is read, and the body's size and pace while
+    it is read (a chunked body has no Content-Length; a stalled one would hold its connection). A
+    plain ASGI middleware: Starlette's BaseHTTPMiddleware would tell a streaming response that its
+    client had disconnected."""
 
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body
+    def __init__(self, app, api_key: str | None, max_body: int, body_timeout: float):
+        self.app, self.api_key, self.max_body, self.body_timeout = app, api_key, max_body, body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
@@ -409,7 +412,30 @@ class _Guard:
                 response = error_body(413, f"request body over {self.max_body} bytes", "invalid_request_error")
             if response is not None:
                 return await response(scope, receive, send)
+            receive = self._bounded(receive)
         await self.app(scope, receive, send)
+
+    def _bounded(self, receive):
+        """`receive` that refuses a body past `max_body` (413) or stalled for `body_timeout` (408).
+        HTTPExceptions, so FastAPI's body reading passes them on as they are."""
+        received, reading = 0, True
+
+        async def bounded():
+            nonlocal received, reading
+            if not reading:  # the body is in: what follows is a disconnect, whenever it comes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise StarletteHTTPException(408, f"the request body stalled for {self.body_timeout:g} s") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                reading = message.get("more_body", False)
+                if received > self.max_body:
+                    raise StarletteHTTPException(413, f"request body over {self.max_body} bytes")
+            return message
+
+        return bounded
 
 
 def serve(model_path, host: str = "127.0.0.1", port: int = 8012, api_key: str | None = None, parallel: int = 1,

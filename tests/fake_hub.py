@@ -34,6 +34,7 @@ class FakeHub:
     corrupt: bool = False  # serve flipped bytes (sha256 mismatch)
     ignore_range: bool = False
     sha_override: dict[str, str] = field(default_factory=dict)
+    commit: str | None = None  # X-Repo-Commit to send instead of COMMIT (a hostile mirror)
     release: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -98,7 +99,7 @@ class FakeHub:
             return self._reply(h, 302, b"", {
                 "Location": f"{self.cdn_url}/blobs/{name}",
                 "ETag": '"deadbeef"',
-                "X-Repo-Commit": COMMIT,
+                "X-Repo-Commit": self.commit or COMMIT,
                 "X-Linked-Etag": f'"{self.sha(name)}"',
                 "X-Linked-Size": str(len(data)),
             })

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +165,32 @@ def test_local_dir_and_rm(env, fake_hub, small_quants):
     removed = hub.remove("q8_0", config=config())
     assert hub.cached_path(CAT.get("Q8_0"), config()) is None
     assert len(removed) == 2
+
+
+@pytest.mark.parametrize("etag,commit", [
+    ("../../escaped", None), ("/tmp/refact-gguf-escaped", None), ("deadbeef", None),
+    (None, "../../../escaped"), (None, "main"),
+])
+def test_a_hostile_endpoint_cannot_choose_where_pull_writes(env, fake_hub, tmp_path, etag, commit):
+    """Names from the network (the blob's ETag, the snapshot's commit) must be plain hashes."""
+    if etag is not None:
+        fake_hub.sha_override[Q8] = etag
+    fake_hub.commit = commit
+    before = {p for p in tmp_path.rglob("*")} | set(Path("/tmp").glob("refact-gguf-escaped*"))
+    try:
+        with pytest.raises(HubError, match="unusable file id"):
+            hub.pull("Q8_0", config=config())
+    finally:
+        fake_hub.sha_override.pop(Q8, None)
+        fake_hub.commit = None
+    assert fake_hub.blob_requests() == []  # refused before any download
+    after = {p for p in tmp_path.rglob("*")} | set(Path("/tmp").glob("refact-gguf-escaped*"))
+    assert not any("escaped" in str(p) for p in after - before)
+
+
+@pytest.mark.timeout(30)
+def test_a_local_dir_that_cannot_hold_files_is_an_error_not_a_hang(env, fake_hub):
+    from refact_gguf.errors import OutputError
+
+    with pytest.raises(OutputError, match="cannot write in /proc/self"):
+        hub.pull("Q8_0", local_dir=Path("/proc/self"), config=config())

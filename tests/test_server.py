@@ -271,3 +271,22 @@ def test_a_context_under_256_tokens_takes_a_long_prompt(q4_model):
             assert len(task.prompt) > 200 and eng.run(task).tokens_predicted <= 8
     finally:
         model.close()
+
+
+def test_a_chunked_body_is_bounded_too(url):
+    def chunks():
+        for _ in range(10):
+            yield b" " * (1 << 20)  # 10 MiB without a Content-Length
+
+    r = httpx.post(f"{url}/infill", content=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and "over" in r.json()["error"]["message"]
+
+
+def test_a_stalled_body_frees_its_connection(q4_model):
+    with running(q4_model, parallel=1, limits=Limits(max_predict=64, body_timeout_s=0.5)) as u:
+        host, port = u.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /infill HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"inp")
+            reply = s.recv(4096).decode()  # no more bytes come: the server answers and closes
+        assert reply.startswith("HTTP/1.1 408"), reply[:80]
+        assert httpx.get(f"{u}/health").status_code == 200
