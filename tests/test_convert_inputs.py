@@ -212,3 +212,45 @@ def test_failed_quantization_leaves_no_partial_file(hf_fused, tmp_path):
     with pytest.raises(QuantizeError, match="imatrix"):
         convert(hf_fused, tmp_path / "out", "f16", [catalog.load().get("IQ3_XS")], use_imatrix=False)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Refact-1_6B-fim.F16.gguf"]
+
+
+def _tensor_pickle(name: str, key: str, offset: int, size: tuple, stride: tuple) -> bytes:
+    """data.pkl of a torch checkpoint holding one float32 tensor view, written opcode by opcode
+    (no torch needed): the shape of what torch.save writes."""
+    import struct
+
+    def text(x: str) -> bytes:
+        return b"X" + struct.pack("<I", len(x.encode())) + x.encode()
+
+    def ints(xs) -> bytes:
+        return b"(" + b"".join(b"J" + struct.pack("<i", x) for x in xs) + b"t"
+
+    storage = b"(" + text("storage") + b"ctorch\nFloatStorage\n" + text(key) + text("cpu") + b"J" + struct.pack("<i", 4) + b"tQ"
+    return (b"\x80\x02}" + text(name) + b"ctorch._utils\n_rebuild_tensor_v2\n(" + storage + b"J" + struct.pack("<i", offset)
+            + ints(size) + ints(stride) + b"\x89}tRs.")
+
+
+@pytest.mark.parametrize("offset,size,stride", [(0, (4, 4), (4, 1)), (3, (2, 2), (1, 1)), (0, (2, 3), (100, 1))])
+def test_a_tensor_view_past_its_storage_is_refused(tmp_path, offset, size, stride):
+    from refact_gguf.convert.checkpoint import _torch_bin_tensors
+
+    path = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", _tensor_pickle("w", "0", offset, size, stride))
+        zf.writestr("archive/data/0", np.arange(4, dtype=np.float32).tobytes())
+    (tensor,) = _torch_bin_tensors(path)
+    with pytest.raises(CheckpointError, match="runs past its storage"):
+        tensor.read()
+
+
+def test_a_float32_bin_tensor_reads_as_a_writable_copy(tmp_path):
+    from refact_gguf.convert.checkpoint import _torch_bin_tensors
+
+    path = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", _tensor_pickle("w", "0", 0, (2, 2), (2, 1)))
+        zf.writestr("archive/data/0", np.arange(4, dtype=np.float32).tobytes())
+    (tensor,) = _torch_bin_tensors(path)
+    rows = tensor.read()
+    rows -= rows.mean(axis=1, keepdims=True)  # the converter centres in place
+    assert rows.tolist() == [[-0.5, 0.5], [-0.5, 0.5]]

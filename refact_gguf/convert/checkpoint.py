@@ -203,12 +203,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def _rebuild_tensor(storage, offset, size, stride, *_ignored):
     dtype, key, load = storage
     shape, stride = tuple(size), tuple(stride)
+    if not all(isinstance(v, int) and v >= 0 for v in (offset, *shape, *stride)) or len(shape) != len(stride):
+        raise pickle.UnpicklingError(f"tensor view with offset {offset!r}, size {shape!r}, stride {stride!r}")
 
     def read(start: int, stop: int) -> np.ndarray:
         flat = load(key, dtype)
+        # The view must lie inside its storage: as_strided reads whatever memory the numbers say.
+        last = offset + sum((n - 1) * st for n, st in zip(shape, stride)) if all(shape) else offset - 1
+        if last >= len(flat):
+            raise CheckpointError(f"a tensor's view (offset {offset}, size {shape}, stride {stride}) runs past its "
+                                  f"storage of {len(flat)} elements: the checkpoint is corrupt")
         item = flat.itemsize
-        full = np.lib.stride_tricks.as_strided(flat[offset:], shape=shape, strides=[s * item for s in stride])
-        return np.ascontiguousarray(full[start:stop] if shape else full)
+        full = np.lib.stride_tricks.as_strided(flat[offset:], shape=shape, strides=[st * item for st in stride])
+        return np.array(full[start:stop] if shape else full)  # a copy: the storage is a read-only zip buffer
 
     return LazyTensor("", shape, dtype, read)
 
@@ -227,7 +234,13 @@ def _torch_bin_tensors(path: Path) -> Iterator[LazyTensor]:
     prefix = pkl[: -len("data.pkl")]
 
     def load_storage(key: str, dtype: str) -> np.ndarray:
-        return np.frombuffer(zf.read(f"{prefix}data/{key}"), dtype=_DTYPES[dtype])
+        try:
+            data = zf.read(f"{prefix}data/{key}")
+        except (KeyError, zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"{path.name}: storage {key!r} cannot be read ({e})", "the checkpoint is incomplete or corrupt") from None
+        if len(data) % np.dtype(_DTYPES[dtype]).itemsize:
+            raise CheckpointError(f"{path.name}: storage {key!r} is not a whole number of {dtype} values")
+        return np.frombuffer(data, dtype=_DTYPES[dtype])
 
     try:
         state = _RestrictedUnpickler(zf.open(pkl), load_storage).load()
