@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -447,9 +448,23 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8012, api_key: str | 
     from .llama import Model
     from .select import gpu_layers as resolve_gpu_layers
 
-    with Model(model_path, resolve_gpu_layers(gpu_layers, model_path)) as model, \
+    sock = _listen(host, port)  # before the model loads: a port in use is a one-line error at once
+    with sock, Model(model_path, resolve_gpu_layers(gpu_layers, model_path)) as model, \
             Engine(model, n_ctx=n_ctx, parallel=parallel, threads=threads, max_queue=limits.max_queue).start() as engine:
         app = create_app(engine, model_path.name, api_key, limits, cors_origins)
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
         on_ready(f"http://{host}:{port}")
-        server.run()
+        server.run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise RefactGGUFError(f"cannot listen on {host}:{port}: {e.strerror}",
+                              "choose another --port, or stop what is serving there") from None
+    return sock

@@ -290,3 +290,16 @@ def test_a_stalled_body_frees_its_connection(q4_model):
             reply = s.recv(4096).decode()  # no more bytes come: the server answers and closes
         assert reply.startswith("HTTP/1.1 408"), reply[:80]
         assert httpx.get(f"{u}/health").status_code == 200
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_loading(q4_model):
+    from typer.testing import CliRunner
+
+    from refact_gguf.cli import app
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = CliRunner().invoke(app, ["serve", "-m", str(q4_model), "--port", str(port)])
+    assert r.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in r.output and " on http" not in r.output
