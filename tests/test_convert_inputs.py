@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import pickle
 import shutil
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -254,3 +256,23 @@ def test_a_float32_bin_tensor_reads_as_a_writable_copy(tmp_path):
     rows = tensor.read()
     rows -= rows.mean(axis=1, keepdims=True)  # the converter centres in place
     assert rows.tolist() == [[-0.5, 0.5], [-0.5, 0.5]]
+
+
+def test_partial_files_of_a_killed_run_are_removed_by_the_next(tmp_path):
+    from refact_gguf.convert.writer import atomic_output
+
+    target = tmp_path / "Refact-1_6B-fim.Q4_K_M.gguf"
+    dead = _dead_pid()
+    stale = tmp_path / f".{target.name}.{dead}.partial"
+    live = tmp_path / f".{target.name}.{os.getppid()}.partial"  # a running convert's: left alone
+    stale.write_bytes(b"x" * 1000)
+    live.write_bytes(b"y")
+    with atomic_output(target) as tmp:
+        tmp.write_bytes(b"GGUF")
+    assert target.read_bytes() == b"GGUF" and not stale.exists() and live.exists()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

@@ -5,8 +5,11 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import llama_cpp
 import numpy as np
@@ -53,6 +56,26 @@ def _kv_overrides(items: dict[str, int | str]) -> ctypes.Array:
     return arr
 
 
+@contextmanager
+def _exit_on_ctrl_c() -> Iterator[None]:
+    """Ctrl-C while llama.cpp quantizes: Python raises KeyboardInterrupt inside the log callback,
+    where ctypes swallows it, and quantizing went on. Exit at once instead (130, as for SIGINT);
+    the next run removes the partial file (writer.atomic_output)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        os.write(2, b"\ninterrupted\n")
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def quantize(
     base: Path,
     out: Path,
@@ -80,7 +103,8 @@ def quantize(
             on_tensor(int(m[1]), int(m[2]))
 
     with atomic_output(out) as tmp, llama_log.capture_errors() as errors, llama_log.listen(progress):
-        status = llama_cpp.llama_model_quantize(str(base).encode(), str(tmp).encode(), ctypes.byref(params))
+        with _exit_on_ctrl_c():
+            status = llama_cpp.llama_model_quantize(str(base).encode(), str(tmp).encode(), ctypes.byref(params))
         if status != 0:
             reason = next((e for e in reversed(errors) if "error" in e.lower() or "requires" in e.lower()), None)
             raise QuantizeError(

@@ -52,6 +52,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
         raise OutputError(f"cannot create {path.parent}: {e.strerror}", "choose another -o directory") from None
     if not os.access(path.parent, os.W_OK):
         raise OutputError(f"output directory {path.parent} is not writable", "choose another -o directory")
+    _remove_stale_partials(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         yield tmp
@@ -62,6 +63,24 @@ def atomic_output(path: Path) -> Iterator[Path]:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Temporary files of `path` left by a process that is gone (killed, Ctrl-C): they can be GBs."""
+    for stale in path.parent.glob(f".{path.name}.*.partial"):
+        pid = stale.name[len(path.name) + 2 : -len(".partial")]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def write_metadata(w: gguf.GGUFWriter, cfg: RefactConfig, vocab: Vocab, file_type: int, source: str) -> None:
