@@ -120,9 +120,11 @@ def convert(
 
     **Examples**
 
-        refact-gguf convert ./Refact-1_6B-fim -o out
-        refact-gguf convert ./Refact-1_6B-fim -o out --quant Q4_K_M,Q8_0
-        refact-gguf convert ./Refact-1_6B-fim -o out --outtype f32 --quant all --calibration ~/src/app
+    ```
+    refact-gguf convert ./Refact-1_6B-fim -o out
+    refact-gguf convert ./Refact-1_6B-fim -o out --quant Q4_K_M,Q8_0
+    refact-gguf convert ./Refact-1_6B-fim -o out --outtype f32 --quant all --calibration ~/src/app
+    ```
     """
     from .convert import convert as run_convert
 
@@ -163,14 +165,16 @@ def run(
     """Complete code: fill in the middle (--fim) or continue a prompt. Streams to stdout.
 
     With --fim the code comes from --prefix/--suffix, --prefix-file/--suffix-file, --file with
-    --line/--col, or standard input with a <CURSOR> marker.
+    --line/--col, or standard input with a `<CURSOR>` marker.
 
     **Examples**
 
-        refact-gguf run --fim --prefix 'def add(a, b):' --suffix 'print(add(1, 2))'
-        refact-gguf run --fim --file app.py --line 42 --col 5
-        printf 'def f(x):\n    <CURSOR>\n' | refact-gguf run --fim
-        refact-gguf run 'import numpy as np' -n 32
+    ```
+    refact-gguf run --fim --prefix 'def add(a, b):' --suffix 'print(add(1, 2))'
+    refact-gguf run --fim --file app.py --line 42 --col 5
+    printf 'def f(x):\\n    <CURSOR>\\n' | refact-gguf run --fim
+    refact-gguf run 'import numpy as np' -n 32
+    ```
     """
     from .fimsource import read_fim_input
     from .tasks import Sampling
@@ -208,8 +212,10 @@ def chat(
 
     **Examples**
 
-        refact-gguf chat
-        refact-gguf chat --message 'How do I sort a list in Python?'
+    ```
+    refact-gguf chat
+    refact-gguf chat --message 'How do I sort a list in Python?'
+    ```
     """
     from .chat import Message
     from .tasks import Sampling
@@ -250,9 +256,11 @@ def recommend(
 
     **Examples**
 
-        refact-gguf recommend
-        refact-gguf recommend --ctx 2048 --json
-        refact-gguf recommend --gpu
+    ```
+    refact-gguf recommend
+    refact-gguf recommend --ctx 2048 --json
+    refact-gguf recommend --gpu
+    ```
     """
     import json
 
@@ -298,8 +306,10 @@ def quickstart(
 
     **Examples**
 
-        refact-gguf quickstart
-        HF_HUB_OFFLINE=1 refact-gguf quickstart
+    ```
+    refact-gguf quickstart
+    HF_HUB_OFFLINE=1 refact-gguf quickstart
+    ```
     """
     from .chat import Message
     from .quickstart import EXAMPLE_PREFIX, EXAMPLE_QUESTION, EXAMPLE_SUFFIX, choose_model
@@ -320,7 +330,9 @@ def quickstart(
         out.print(f"chat reply to {EXAMPLE_QUESTION!r}: {reply.text!r}")
         _report(reply)
     if chosen.synthetic:
-        err.print("[yellow]That was the synthetic model.[/] With network: [bold]refact-gguf pull[/], then [bold]refact-gguf run --fim[/].")
+        err.print("[yellow]That was the synthetic model.[/] With network: [bold]refact-gguf pull[/], then [bold]refact-gguf run --fim[/]."
+                  f" Offline, the same model again: [bold]refact-gguf run --fim -m {escape(str(chosen.path))} --prefix 'def f():'[/]",
+                  soft_wrap=True)
 
 
 @app.command()
@@ -346,9 +358,11 @@ def serve(
 
     **Examples**
 
-        refact-gguf serve
-        refact-gguf serve -m Q4_K_M --port 8012 --parallel 2
-        refact-gguf serve --api-key secret --host 0.0.0.0
+    ```
+    refact-gguf serve
+    refact-gguf serve -m Q4_K_M --port 8012 --parallel 2
+    refact-gguf serve --api-key secret --host 0.0.0.0
+    ```
     """
     from .select import resolve_model
     from .server import Limits
@@ -407,11 +421,13 @@ def bench(
 
     **Examples**
 
-        refact-gguf bench -m Q4_K_M
-        refact-gguf bench --quant Q4_K_M,Q8_0 --dir out -t 2
-        refact-gguf bench -m model.gguf --gpu-layers auto --json
-        refact-gguf bench -m Q4_K_M -t 2 --depth 1500 -p 16 --n-gen 16     # what a keystroke pays
-        refact-gguf bench -m model.gguf --gpu-layers 99 --parallel 1,8,32 -p 1500 --n-gen 16
+    ```
+    refact-gguf bench -m Q4_K_M
+    refact-gguf bench --quant Q4_K_M,Q8_0 --dir out -t 2
+    refact-gguf bench -m model.gguf --gpu-layers auto --json
+    refact-gguf bench -m Q4_K_M -t 2 --depth 1500 -p 16 --n-gen 16     # what a keystroke pays
+    refact-gguf bench -m model.gguf --gpu-layers 99 --parallel 1,8,32 -p 1500 --n-gen 16
+    ```
     """
     import json
 
@@ -473,9 +489,11 @@ def evaluate(
 
     **Examples**
 
-        refact-gguf eval --dir out                       # every quant in out/ against out/Refact-1_6B-fim.F32.gguf
-        refact-gguf eval --quant Q4_K_M,Q8_0 --dir out --reference out/Refact-1_6B-fim.F16.gguf
-        refact-gguf eval --dir out --corpus ~/src/myproject --json
+    ```
+    refact-gguf eval --dir out       # every quant in out/ against its Refact-1_6B-fim.F32.gguf
+    refact-gguf eval --quant Q4_K_M,Q8_0 --dir out --reference out/Refact-1_6B-fim.F16.gguf
+    refact-gguf eval --dir out --corpus ~/src/myproject --json
+    ```
     """
     import json
 
@@ -516,9 +534,11 @@ def pull(
 
     **Examples**
 
-        refact-gguf pull Q4_K_M
-        refact-gguf pull                       # the quant recommended for this machine
-        refact-gguf pull q8_0 --local-dir ./models
+    ```
+    refact-gguf pull Q4_K_M
+    refact-gguf pull                       # the quant recommended for this machine
+    refact-gguf pull q8_0 --local-dir ./models
+    ```
     """
     from .hub import pull as run_pull
     from .select import recommend
@@ -538,8 +558,10 @@ def list_quants(
 
     **Examples**
 
-        refact-gguf list
-        refact-gguf list --json --ctx 2048
+    ```
+    refact-gguf list
+    refact-gguf list --json --ctx 2048
+    ```
     """
     import json
 
@@ -576,7 +598,9 @@ def remove(name: Annotated[str, typer.Argument(help="Quant name, e.g. Q4_K_M.")]
 
     **Examples**
 
-        refact-gguf rm Q4_K_M
+    ```
+    refact-gguf rm Q4_K_M
+    ```
     """
     from .hub import remove as run_remove
 

@@ -3,13 +3,13 @@ one built here: convert → quantize), then load → FIM → chat."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import catalog
 from .errors import RefactGGUFError
 from .progress import Progress
+from .select import synthetic_path
 from .convert.synthetic import SYNTHETIC_NAME, SyntheticSpec, write_checkpoint
 
 # Small enough to build in seconds, the real architecture and tokenizer otherwise.
@@ -26,18 +26,14 @@ class QuickstartModel:
     why: str  # how this model was chosen
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "refact-gguf"
-
-
 def synthetic_model(progress: Progress | None = None) -> Path:
     """Build (once) a small synthetic Refact model, converted and quantized to Q4_K_M."""
     from .convert import convert
 
     cat = catalog.load()
     quant = cat.get("Q4_K_M")
-    out = cache_root() / "synthetic"
-    path = out / quant.filename(cat.model)
+    path = synthetic_path()
+    out = path.parent
     if not path.is_file():
         hf = write_checkpoint(out / "hf", QUICK_SPEC)
         convert(hf, out, "f16", [quant], progress=progress)

@@ -126,7 +126,17 @@ def resolve_model(ref: str | Path | None) -> Path:
         return cached[best.name]
     if cached:
         return cached[min(cached, key=lambda n: cat.get(n).size_gib)]
-    raise RefactGGUFError("no model pulled yet", f"run: refact-gguf pull {recommend(memory)[0].name}")
+    hint = f"run: refact-gguf pull {recommend(memory)[0].name}"
+    if synthetic_path().is_file():  # offline after quickstart: the labelled synthetic model is there
+        hint += f" (offline, the synthetic model quickstart built: -m {synthetic_path()})"
+    raise RefactGGUFError("no model pulled yet", hint)
+
+
+def synthetic_path() -> Path:
+    """Where quickstart builds its synthetic model when the Hub is out of reach."""
+    cat = catalog.load()
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "refact-gguf" / "synthetic"
+    return root / cat.get("Q4_K_M").filename(cat.model)
 
 
 def gpu_layers(setting: str | int, model_path: Path) -> int:

@@ -55,3 +55,12 @@ def test_subprocess_console_script(tmp_path):
         capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "REFACT_GGUF_DEBUG": "1"},
     )
     assert "Traceback" in debug.stderr
+
+
+def test_help_examples_stay_one_command_a_line(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    run_help = CliRunner().invoke(app, ["run", "--help"]).output
+    assert "<CURSOR>" in run_help and "**Examples**" not in run_help
+    assert "printf 'def f(x):\\n    <CURSOR>\\n' | refact-gguf run --fim" in run_help
+    lines = [ln.strip() for ln in CliRunner().invoke(app, ["recommend", "--help"]).output.splitlines()]
+    assert "refact-gguf recommend --ctx 2048 --json" in lines and "refact-gguf recommend --gpu" in lines
