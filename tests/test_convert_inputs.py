@@ -114,6 +114,10 @@ def _broken(hf_fused, tmp_path, mutate) -> tuple[Path, Path]:
     return hf, tmp_path / "out"
 
 
+def _raw_header(hf: Path, header: bytes) -> None:
+    (hf / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+
+
 CASES = {
     "missing config": (lambda hf: (hf / "config.json").unlink(), CheckpointError, "no config.json"),
     "invalid config": (lambda hf: (hf / "config.json").write_text("{not json"), CheckpointError, "not valid JSON"),
@@ -132,6 +136,20 @@ CASES = {
             (raw := (hf / "model.safetensors").read_bytes())[:8] + b"\xff" * 64 + raw[72:]
         ),
         CheckpointError, "corrupt safetensors header",
+    ),
+    "n_head 0": (
+        lambda hf: (hf / "config.json").write_text((hf / "config.json").read_text().replace('"n_head": 4', '"n_head": 0')),
+        CheckpointError, "n_head is 0, it must be positive",
+    ),
+    "safetensors header a list": (lambda hf: _raw_header(hf, b"[1, 2]"), CheckpointError, "not a JSON object"),
+    "safetensors entry a number": (lambda hf: _raw_header(hf, b'{"transformer.wte.weight": 5}'), CheckpointError, "entry"),
+    "one-element data_offsets": (
+        lambda hf: _raw_header(hf, b'{"transformer.wte.weight": {"dtype": "F16", "shape": [2], "data_offsets": [0]}}'),
+        CheckpointError, "entry",
+    ),
+    "non-integer shape": (
+        lambda hf: _raw_header(hf, b'{"transformer.wte.weight": {"dtype": "F16", "shape": ["a"], "data_offsets": [0, 4]}}'),
+        CheckpointError, "entry",
     ),
     "layer count mismatch": (
         lambda hf: (hf / "config.json").write_text((hf / "config.json").read_text().replace('"n_layer": 2', '"n_layer": 3')),
@@ -276,3 +294,14 @@ def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+def test_a_malformed_pickle_is_one_error(tmp_path):
+    from refact_gguf.convert.checkpoint import _torch_bin_tensors
+
+    path = tmp_path / "pytorch_model.bin"
+    # OrderedDict() then BUILD with a state: the unpickler maps OrderedDict to dict, which has no __setstate__
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02ccollections\nOrderedDict\n)R}X\x01\x00\x00\x00aK\x01sb.")
+    with pytest.raises(CheckpointError, match="cannot read safely"):
+        list(_torch_bin_tensors(path))

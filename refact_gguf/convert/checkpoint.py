@@ -77,6 +77,11 @@ class RefactConfig:
             raise CheckpointError(f"config.json lacks {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"config.json has a bad value: {e}") from None
+        for field_name in ("n_layer", "n_embd", "n_head", "n_ctx", "n_vocab"):
+            if getattr(config, field_name) <= 0:
+                raise CheckpointError(f"config.json: {field_name} is {getattr(config, field_name)}, it must be positive")
+        if not 0 < config.eps < 1:
+            raise CheckpointError(f"config.json: layer_norm_epsilon {config.eps} is not a usable epsilon")
         if config.n_embd % config.n_head:
             raise CheckpointError(f"config.json: n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
         if config.n_head & (config.n_head - 1):
@@ -130,11 +135,16 @@ def _safetensors_tensors(path: Path) -> Iterator[LazyTensor]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path.name} has a corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name} has a corrupt safetensors header (not a JSON object)")
     base = 8 + n
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype, shape, (begin, end) = info.get("dtype"), tuple(info.get("shape", ())), info.get("data_offsets", (0, 0))
+        dtype, shape, offsets = _header_entry(info) if isinstance(info, dict) else (None, None, None)
+        if shape is None or offsets is None:
+            raise CheckpointError(f"{path.name} has a corrupt safetensors header (entry {name[:80]!r})")
+        begin, end = offsets
         if dtype not in _DTYPES:
             raise CheckpointError(f"{path.name}: tensor {name} has unsupported dtype {dtype}")
         itemsize = np.dtype(_DTYPES[dtype]).itemsize
@@ -145,6 +155,15 @@ def _safetensors_tensors(path: Path) -> Iterator[LazyTensor]:
                 "download the checkpoint again",
             )
         yield LazyTensor(name, shape, dtype, _pread_rows(path, base + begin, shape, _DTYPES[dtype]))
+
+
+def _header_entry(info: dict) -> tuple:
+    """(dtype, shape, (begin, end)) of one safetensors header entry; None for a part that is malformed."""
+    shape, offsets = info.get("shape", []), info.get("data_offsets")
+    ok_ints = lambda xs, n=None: isinstance(xs, list) and (n is None or len(xs) == n) and all(  # noqa: E731
+        isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
+    return (info.get("dtype"), tuple(shape) if ok_ints(shape) else None,
+            tuple(offsets) if ok_ints(offsets, 2) and offsets[0] <= offsets[1] else None)
 
 
 def _pread_rows(path: Path, offset: int, shape: tuple[int, ...], np_dtype) -> Callable[[int, int], np.ndarray]:
@@ -244,8 +263,10 @@ def _torch_bin_tensors(path: Path) -> Iterator[LazyTensor]:
 
     try:
         state = _RestrictedUnpickler(zf.open(pkl), load_storage).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path.name}: cannot read safely: {e}") from None
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any malformed pickle (a BUILD on a dict, a bad opcode…) is one error
+        raise CheckpointError(f"{path.name}: cannot read safely: {type(e).__name__}: {e}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     for name, value in state.items():
