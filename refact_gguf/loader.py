@@ -294,7 +294,10 @@ def load_model(path: Path, n_gpu_layers: int = 0, vocab_only: bool = False) -> c
     with llama_log.capture_errors() as errors:
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params(n_gpu_layers, vocab_only))
     if not model:
-        raise ModelFileError(f"llama.cpp could not load {Path(path).name}: {errors[-1] if errors else 'unknown error'}")
+        # llama.cpp's last line is a generic "failed to load model"; the reason came earlier
+        reason = next((e.split("error loading model:", 1)[1].strip() for e in errors if "error loading model:" in e),
+                      errors[-1] if errors else "unknown error")
+        raise ModelFileError(f"llama.cpp could not load {Path(path).name}: {reason}", "re-download or re-convert it")
     return model
 
 

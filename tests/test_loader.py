@@ -101,3 +101,20 @@ def test_impossible_hyperparameters_are_refused_before_llama_cpp(tmp_path, key, 
     w.close()
     with pytest.raises(ModelFileError, match=f"refact.{key} = .* is not a possible value"):
         Model(path)
+
+
+def test_llama_cpp_s_own_reason_reaches_the_error(tmp_path):
+    """llama.cpp ends with a generic "failed to load model"; the line that says why comes first."""
+    path = tmp_path / "novocab.gguf"
+    w = gguf.GGUFWriter(path, "refact")
+    w.add_block_count(1)
+    w.add_embedding_length(8)
+    w.add_head_count(2)
+    w.add_tensor("token_embd.weight", np.zeros((3, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelFileError, match="tokenizer.ggml.model") as e:
+        Model(path)
+    assert "failed to load model" not in str(e.value)
