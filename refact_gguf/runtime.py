@@ -53,9 +53,6 @@ class Slot:
     def busy(self) -> bool:
         return self.task is not None
 
-    def tokens(self) -> list[int]:
-        return self.cached[: self.n_cached].tolist()
-
     def clear(self) -> None:
         self.ctx.seq_keep(self.seq, 0)
         self.n_cached = 0
