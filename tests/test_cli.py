@@ -64,3 +64,12 @@ def test_help_examples_stay_one_command_a_line(monkeypatch):
     assert "printf 'def f(x):\\n    <CURSOR>\\n' | refact-gguf run --fim" in run_help
     lines = [ln.strip() for ln in CliRunner().invoke(app, ["recommend", "--help"]).output.splitlines()]
     assert "refact-gguf recommend --ctx 2048 --json" in lines and "refact-gguf recommend --gpu" in lines
+
+
+def test_results_on_stdout_are_never_wrapped(capsys):
+    """`$(refact-gguf pull Q4_K_M)` must get the whole path, however long, on one line."""
+    from refact_gguf.console import out
+
+    path = "/home/someone/.cache/huggingface/hub/" + "models--x/" * 20 + "Refact-1_6B-fim.Q4_K_M.gguf"
+    out.print(path)
+    assert capsys.readouterr().out == path + "\n"
