@@ -305,3 +305,16 @@ def test_a_malformed_pickle_is_one_error(tmp_path):
         zf.writestr("archive/data.pkl", b"\x80\x02ccollections\nOrderedDict\n)R}X\x01\x00\x00\x00aK\x01sb.")
     with pytest.raises(CheckpointError, match="cannot read safely"):
         list(_torch_bin_tensors(path))
+
+
+def test_a_short_write_on_a_full_disk_says_disk_full(tmp_path, monkeypatch):
+    """numpy's tofile reports a full disk as "N requested and M written", with no errno (seen on a
+    3 MB tmpfs); the user should read "disk full"."""
+    from refact_gguf.convert import writer
+
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(OutputError, match="disk full while writing x.gguf"):
+        with writer.atomic_output(tmp_path / "x.gguf") as tmp:
+            tmp.write_bytes(b"GGUF")
+            raise OSError("4194304 requested and 1168 written")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -58,11 +59,16 @@ def atomic_output(path: Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        if e.errno == errno.ENOSPC:
+        # numpy's tofile (gguf-py writes tensors with it) reports a short write without an errno:
+        # "4194304 requested and 1168 written". A disk with no room left is what that means here.
+        if e.errno == errno.ENOSPC or (e.errno is None and shutil.disk_usage(path.parent).free < FULL):
             raise OutputError(f"disk full while writing {path.name}", f"free space in {path.parent}") from None
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+FULL = 16 << 20  # less free space than this after a short write: the disk is full
 
 
 def _remove_stale_partials(path: Path) -> None:
