@@ -35,7 +35,8 @@ class Handle:
     engine thread: `on_text` with each piece of text that is final, `on_done` once at the end."""
 
     def __init__(self, task: Task, on_text: OnText | None, on_done: Callable[[Handle], None] | None):
-        self.task, self.on_text, self.on_done = task, on_text, on_done
+        self.task, self._on_text, self.on_done = task, on_text, on_done
+        self.on_text = self._text if on_text is not None else None
         self.completion: Completion | None = None
         self.error: RefactGGUFError | None = None
         self.cancelled = False
@@ -55,11 +56,20 @@ class Handle:
             raise self.error
         return self.completion
 
+    def _text(self, text: str) -> None:
+        try:
+            self._on_text(text)
+        except Exception:  # noqa: BLE001 - the consumer is gone (e.g. its event loop closed): stop its task
+            self.cancelled = True
+
     def _finish(self, completion: Completion | None = None, error: RefactGGUFError | None = None) -> None:
         self.completion, self.error = completion, error
         self._done.set()
         if self.on_done is not None:
-            self.on_done(self)
+            try:
+                self.on_done(self)
+            except Exception:  # noqa: BLE001 - a consumer's failure must not stop the engine thread
+                pass
 
 
 @dataclass

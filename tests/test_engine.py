@@ -186,3 +186,13 @@ def test_an_idle_slot_between_busy_ones_keeps_its_cache(model, prompts, expected
         (middle,) = drive(engine, [engine.submit(Task(list(prompts[1]), 12))])
     assert [c.text for c in outer] == [expected[0], expected[2]]
     assert middle.tokens_evaluated == 1 and middle.text == expected[1]
+
+
+def test_a_consumer_that_fails_stops_its_task_not_the_engine(model, prompts, expected):
+    def broken(text):
+        raise RuntimeError("event loop is closed")
+
+    with Engine(model, n_ctx=N_CTX, parallel=2, threads=2).start() as engine:
+        gone = engine.submit(Task(list(prompts[0]), 12), on_text=broken, on_done=lambda h: 1 / 0)
+        assert gone.wait(30).stop_reason in ("cancelled", "max_tokens", "eos", "special")
+        assert engine.run(Task(list(prompts[1]), 12)).text == expected[1]  # the engine thread lives on
