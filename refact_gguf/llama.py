@@ -145,6 +145,15 @@ class Batch:
     def clear(self) -> None:
         self.n = self.n_outputs = 0
 
+    def one(self, seq: int, token: int, pos: int) -> None:
+        """The batch of one generated token (logits on): only the fields that change are written,
+        so a generation step costs a few microseconds of Python."""
+        if self.n != 1 or self.n_outputs != 1 or self.seq[0] != seq:
+            self.clear()
+            self.add(seq, (token,), pos, output_last=True)
+        self.token[0] = token
+        self.pos[0] = pos
+
     def add(self, seq: int, tokens, pos: int, output_last: bool = False, output_all: bool = False) -> int:
         """Append `tokens` of sequence `seq` at positions pos, pos+1, …; returns the batch row of
         the last one (where its logits are read, when it is an output)."""
@@ -192,6 +201,7 @@ class Context:
         self._memory = llama_cpp.llama_get_memory(self.ptr)
         self.batch = Batch(self.n_batch)
         self._all: list[np.ndarray] = []
+        self._views: dict[tuple[int, int], np.ndarray] = {}
         self.n_past = 0
 
     # ------------------------------------------------------------ sequences and batches
@@ -207,7 +217,18 @@ class Context:
     def logits(self, n_outputs: int) -> np.ndarray:
         """A view (no copy) of the last batch's output rows, [n_outputs, n_vocab], in batch order;
         valid until the next decode."""
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ptr), shape=(n_outputs, self.model.n_vocab))
+        return self._view(llama_cpp.llama_get_logits(self.ptr), n_outputs)
+
+    def _view(self, pointer, rows: int) -> np.ndarray:
+        """float32 [rows, n_vocab] over llama.cpp's logits buffer. Views are kept by address: the
+        buffer moves only when llama.cpp grows it, and building one costs ~20 µs, per token."""
+        key = (ctypes.addressof(pointer.contents), rows)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) > 64:
+                self._views.clear()
+            view = self._views[key] = np.ctypeslib.as_array(pointer, shape=(rows, self.model.n_vocab))
+        return view
 
     def seq_keep(self, seq: int, n: int) -> None:
         """Keep the first `n` cached positions of `seq`, drop the rest."""
@@ -250,20 +271,14 @@ class Context:
                 self._all.append(self.logits(len(chunk)).copy())
 
     def decode_one(self, token: int) -> None:
-        """The generation step of sequence 0: one token at the next position, logits on. Only the
-        fields that change are written, so the per-token cost in Python stays a few microseconds."""
-        b = self.batch
-        if b.n != 1 or b.n_outputs != 1 or b.seq[0] != 0:
-            b.clear()
-            b.add(0, [token], self.n_past, output_last=True)
-        b.token[0] = token
-        b.pos[0] = self.n_past
-        self.run(b)
+        """The generation step of sequence 0: one token at the next position, logits on."""
+        self.batch.one(0, token, self.n_past)
+        self.run(self.batch)
         self.n_past += 1
 
     def logits_last(self) -> np.ndarray:
         """A view (no copy) of the last decoded position's logits, valid until the next decode."""
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ptr, -1), shape=(self.model.n_vocab,))
+        return self._view(llama_cpp.llama_get_logits_ith(self.ptr, -1), 1)[0]
 
     def synchronize(self) -> None:
         """Wait for queued GPU work (a no-op on the CPU): timings must include it."""

@@ -268,8 +268,8 @@ class Runtime:
                 return done
             if cancel is not None and cancel.is_set():
                 return slot.finish("cancelled")
-            batch.clear()
-            row = batch.add(slot.seq, (slot.next_token,), slot.pos, output_last=True)
+            batch.one(slot.seq, slot.next_token, slot.pos)
+            row = 0
             ctx.run(batch)
             slot.token_done()
 
