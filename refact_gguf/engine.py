@@ -99,6 +99,8 @@ class Engine:
         self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, threads=threads, n_seq_max=parallel)
         self.n_ctx = self.ctx.n_ctx
         self.slots = [Slot(self.ctx, seq) for seq in range(parallel)]
+        # Each person's keystroke resends a prefix and a suffix the tokenizer has seen: keep theirs.
+        model.token_cache.size = max(model.token_cache.size, 3 * parallel)
         self.max_queue = max_queue
         # On a GPU a row costs next to nothing but a change of batch shape costs a new compute
         # graph: every step then decodes one row per slot (fillers for idle ones) and reads every
@@ -118,10 +120,8 @@ class Engine:
         """Start the engine thread, after one decode so the first request pays no one-time setup
         (weights paged in, GPU kernels loaded), as llama-server warms up at start."""
         if warmup:
-            b = self.ctx.batch
-            b.clear()
-            b.add(0, [0], 0, output_last=True)
-            self.ctx.run(b)
+            self.ctx.batch.one(0, 0, 0)
+            self.ctx.run(self.ctx.batch)
             self.ctx.seq_keep(0, 0)
         self._thread = threading.Thread(target=self._loop, name="refact-gguf-engine", daemon=True)
         self._thread.start()
@@ -200,7 +200,7 @@ class Engine:
     def _admit(self) -> list[tuple[Slot, Handle]]:
         """Waiting tasks → idle slots (under the lock); the slots start them outside it."""
         admitted = []
-        idle = [s for s in self.slots if not s.busy and s not in self._active]
+        idle = [s for s in self.slots if not s.busy]
         while self._waiting and idle:
             handle = self._waiting.popleft()
             if handle.cancelled:
@@ -246,7 +246,7 @@ class Engine:
         for slot, handle in list(self._active.items()):
             if handle.cancelled:
                 self._done(slot, slot.finish("cancelled"))
-            elif slot.t_prompt is None and slot.evaluated and slot.task.prompt_deadline is not None and now > slot.task.prompt_deadline:
+            elif slot.prompt_overdue(now):
                 self._done(slot, slot.finish("time"))
         if not self._active:
             return

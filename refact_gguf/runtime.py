@@ -8,7 +8,6 @@ The engine (`engine.py`) drives many slots on one context in batched steps; both
 from __future__ import annotations
 
 import codecs
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -131,6 +130,11 @@ class Slot:
         self.n_cached = head
         return head
 
+    def prompt_overdue(self, now: float) -> bool:
+        """The task's prompt deadline passed before its prompt was in (at least one chunk is)."""
+        deadline = self.task.prompt_deadline
+        return deadline is not None and self.t_prompt is None and self.evaluated > 0 and now > deadline
+
     def prompt_done(self, n: int) -> None:
         """The next `n` tokens of `todo` were decoded at `pos`."""
         self.cached[self.n_cached : self.n_cached + n] = self.todo[:n]
@@ -214,7 +218,6 @@ class Runtime:
         if self._owns_model:
             model = Model(Path(model), gpu_layers(n_gpu_layers, Path(model)))
         self.model = model
-        self.path = model.path
         self.ctx = Context(self.model, n_ctx=n_ctx, threads=threads)
         self.n_ctx = self.ctx.n_ctx
         self.slot = Slot(self.ctx, 0)
@@ -237,19 +240,12 @@ class Runtime:
         than the few tokens the keystroke adds."""
         return self.model.tokenize_cached(text)
 
-    def warmup(self) -> None:
-        """One decode, then an empty cache: the first real request should not pay one-time setup
-        (weights paged in, GPU kernels loaded), just as llama-server warms up at start."""
-        self.run(Task([0], 1))
-        self.slot.clear()
-
-    def run(self, task: Task, on_text: OnText | None = None, cancel: threading.Event | None = None) -> Completion:
-        """Prefill (reusing the cache), then generate until the task's rules, its limits, or
-        `cancel` (a client that went away) end it."""
+    def run(self, task: Task, on_text: OnText | None = None) -> Completion:
+        """Prefill (reusing the cache), then generate until the task's rules or its limits end it."""
         slot, ctx, batch = self.slot, self.ctx, self.ctx.batch
         slot.start(task, on_text)
         while len(slot.todo):
-            if slot.evaluated and task.prompt_deadline is not None and time.perf_counter() > task.prompt_deadline:
+            if slot.prompt_overdue(time.perf_counter()):
                 return slot.finish("time")
             chunk = slot.todo[: ctx.n_batch]
             batch.clear()
@@ -266,8 +262,6 @@ class Runtime:
             done = slot.accept(token)
             if done is not None:
                 return done
-            if cancel is not None and cancel.is_set():
-                return slot.finish("cancelled")
             batch.one(slot.seq, slot.next_token, slot.pos)
             row = 0
             ctx.run(batch)

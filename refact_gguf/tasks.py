@@ -178,9 +178,9 @@ def fim(tokenize: Tokenize, n_ctx: int, prefix: str, suffix: str = "", *, order:
 
 
 def complete(tokenize: Tokenize, n_ctx: int, text: str, *, max_tokens: int = 128, sampling: Sampling = Sampling(),
-             stop: tuple[str, ...] = (), ids: list[int] | None = None) -> Task:
-    """Plain continuation of `text` (no BOS), or of `ids` when the caller tokenized it already."""
-    ids = tokenize(text) if ids is None else ids
+             stop: tuple[str, ...] = ()) -> Task:
+    """Plain continuation of `text` (no BOS)."""
+    ids = tokenize(text)
     if len(ids) > n_ctx - 1:
         raise InputError(f"the prompt has {len(ids)} tokens; the context holds {n_ctx}", "raise --ctx")
     return Task(ids, max_tokens, sampling, StopRules(stop))
