@@ -177,7 +177,7 @@ class Context:
     With several sequences each gets its own KV stream (`kv_unified = false`): attention then
     reads only that sequence's cells, which llama-batched-bench measures as 2–3× faster than one
     shared stream when the sequences share nothing. The sequence-0 helpers (`decode`,
-    `decode_one`, `eval`, `keep`, `reset`, `n_past`) serve the one-sequence callers: bench, eval.
+    `decode_one`, `eval`, `reset`, `n_past`) serve the one-sequence callers: bench, eval.
     """
 
     def __init__(self, model: Model, n_ctx: int = 2048, n_batch: int = 512, threads: int | None = None, n_seq_max: int = 1):
@@ -249,12 +249,6 @@ class Context:
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(self._memory, True)
         self.n_past = 0
-
-    def keep(self, n: int) -> None:
-        """Keep the first `n` cached tokens of sequence 0, drop the rest."""
-        if n < self.n_past:
-            self.seq_keep(0, n)
-            self.n_past = n
 
     def decode(self, tokens: list[int], all_logits: bool = False) -> None:
         """Append tokens to sequence 0, a batch at a time; logits for the last one (or all)."""
