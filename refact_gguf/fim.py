@@ -83,15 +83,17 @@ def build_prompt(
     """Token ids of a FIM prompt within `budget` tokens (specials included). No BOS.
 
     `line` is the text typed on the cursor's line (llama.vim's `prompt`): it follows the prefix
-    and is never cut, and the prefix and suffix budgets do not depend on it, so a keystroke
-    changes only the last tokens of an SPM prompt. `extra` (ids of other files' snippets) goes
+    and is never cut, and the prefix and suffix budgets do not depend on it (up to
+    `LINE_RESERVE` tokens of it, empty or not), so a keystroke changes only the last tokens of
+    an SPM prompt, the first one on a new line included. `extra` (ids of other files' snippets) goes
     first and gets what prefix and suffix leave. `tokenize` must not parse special tokens:
     source code containing "<fim_suffix>" stays text.
     """
     if order not in ("spm", "psm"):
         raise InputError(f"unknown FIM order {order!r}", "use 'spm' or 'psm'")
     line_ids = tokenize(line) if line else []
-    room = max(0, budget - 3 - max(len(line_ids), LINE_RESERVE if line else 0))
+    reserve = min(LINE_RESERVE, budget // 4)  # depends on the budget alone: typing never moves it
+    room = max(0, budget - 3 - max(len(line_ids), reserve))
     suffix_ids_full = tokenize(suffix)
     prefix_ids_full = tokenize(prefix)
     suffix_budget = min(len(suffix_ids_full), max(int(room * SUFFIX_SHARE), room - len(prefix_ids_full)))

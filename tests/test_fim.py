@@ -42,6 +42,16 @@ def test_truncation_keeps_text_nearest_the_cursor_on_line_boundaries():
     assert len(tok(p.prefix)) > len(tok(p.suffix))
 
 
+def test_typing_on_a_new_line_keeps_a_truncated_layout():
+    """In a file longer than the context, the first character typed on an empty line must not
+    move the prefix cut: every token before the typed line stays valid in the KV cache."""
+    prefix = "".join(f"prefix line {i}\n" for i in range(300))
+    suffix = "".join(f"suffix line {i}\n" for i in range(300))
+    prompts = [build_prompt(tok, prefix, suffix, budget=1000, line=typed).tokens for typed in ("", "x", "x = 1")]
+    head = prompts[0][:-1]  # all but <fim_middle>
+    assert len(prompts[0]) <= 1000 and all(p[: len(head)] == head for p in prompts[1:])
+
+
 def test_short_prefix_leaves_room_to_the_suffix():
     suffix = "".join(f"suffix line {i}\n" for i in range(100))
     p = build_prompt(tok, "x = ", suffix, budget=400)
@@ -51,7 +61,7 @@ def test_short_prefix_leaves_room_to_the_suffix():
 
 def test_overlong_cursor_line_is_cut_by_characters():
     p = build_prompt(tok, "y" * 1000, "", budget=53)
-    assert p.prefix_truncated and len(p.tokens) <= 53 and p.prefix == "y" * len(p.prefix) and len(p.prefix) > 30
+    assert p.prefix_truncated and len(p.tokens) <= 53 and p.prefix == "y" * len(p.prefix) and len(p.prefix) >= 25
 
 
 def code_rules(prefix: str, suffix: str, **options) -> StopRules:
