@@ -345,6 +345,9 @@ def serve(
     queue: Annotated[int, typer.Option("--queue", min=0, help="Requests that may wait for a slot; more get HTTP 503.")] = 16,
     max_predict: Annotated[int, typer.Option("--max-predict", min=1, help="Largest n_predict / max_tokens accepted.")] = 1024,
     cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", help="Allow browser calls from this origin (repeatable). Off by default.")] = None,
+    cache_mb: Annotated[Optional[int], typer.Option("--cache-mb", min=0, help="Memory for the KV caches of recently used files (8 KiB a token). Default: an eighth of free RAM, at most 1024.")] = None,
+    cache_disk_mb: Annotated[int, typer.Option("--cache-disk-mb", min=0, help="Disk for KV caches kept across restarts; 0 keeps none.")] = 2048,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where those live (default: ~/.cache/refact-gguf/kv, or under XDG_CACHE_HOME).")] = None,
     ctx_size: CtxSize = 4096,
     gpu_layers: GpuLayers = "auto",
     threads: Threads = None,
@@ -354,7 +357,9 @@ def serve(
 
     Endpoints: POST /infill (llama.vim, llama.vscode), POST /v1/completions (a suffix makes it
     fill-in-the-middle), POST /v1/chat/completions, GET /v1/models, GET /health. The KV cache is
-    reused across requests, so each keystroke evaluates only what changed.
+    reused across requests, so each keystroke evaluates only what changed; the caches of the
+    files you recently worked in are kept (--cache-mb) and written to disk (--cache-disk-mb), so
+    coming back to a file, or restarting the editor, does not start cold.
 
     **Examples**
 
@@ -373,6 +378,7 @@ def serve(
     run_server(
         path, host=host, port=port, api_key=api_key, parallel=parallel, n_ctx=ctx_size, threads=threads,
         gpu_layers=gpu_layers, limits=Limits(max_predict=max_predict, max_queue=queue), cors_origins=cors_origin,
+        cache_mb=cache_mb, cache_disk_mb=cache_disk_mb, cache_dir=cache_dir,
         on_ready=lambda url: err.print(f"serving {path.name} on [bold]{url}[/] ({parallel} slot(s)); Ctrl-C stops"),
     )
 

@@ -8,7 +8,11 @@ between steps; a cancelled one leaves at the next step. Nothing else touches the
 client that goes away can never race a decode.
 
 Admission: a waiting task goes to the idle slot whose cache shares the longest prefix of its
-prompt ids (the same file, one keystroke later), else to the least recently used slot.
+prompt ids (the same file, one keystroke later), else to the least recently used slot. With a
+`PromptCache`, a slot's cache is saved before a prompt of another file overwrites it, and a saved
+state that shares more of a prompt than the slot does is restored into it first: every file a
+person recently worked in stays warm, not one per slot. When the engine idles, caches not yet on
+disk are written there, so they survive a restart.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ import numpy as np
 
 from .errors import BusyError, InputError, RefactGGUFError
 from .llama import Context, Model
+from .prompt_cache import PromptCache
 from .runtime import REUSE_CHUNK, OnText, Slot
 from .tasks import Completion, Task
 
 
 DRIBBLE = 32  # prompts up to this many new tokens are fed one token a step when the batch is shared
+SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk
 
 
 class Handle:
@@ -85,6 +91,8 @@ class Stats:
     fillers: int = 0  # of those, fillers for idle slots between busy ones
     decode_s: float = 0.0  # in llama_decode
     step_s: float = 0.0  # in whole steps (decode + picking, stopping, streaming)
+    cache_saves: int = 0  # slot caches saved to the prompt cache
+    cache_restores: int = 0  # saved caches restored into a slot
     started: float = field(default_factory=time.time)
 
 
@@ -92,7 +100,8 @@ class Engine:
     """`submit` tasks from any thread; the engine thread runs them, batched."""
 
     def __init__(self, model: Model, n_ctx: int = 4096, parallel: int = 1, threads: int | None = None,
-                 n_batch: int = 512, max_queue: int = 16, full_batches: bool | None = None):
+                 n_batch: int = 512, max_queue: int = 16, full_batches: bool | None = None,
+                 cache: PromptCache | None = None):
         if parallel > n_batch:
             raise InputError(f"--parallel {parallel} is more than a batch of {n_batch} tokens can serve")
         self.model = model
@@ -102,6 +111,7 @@ class Engine:
         # Each person's keystroke resends a prefix and a suffix the tokenizer has seen: keep theirs.
         model.token_cache.size = max(model.token_cache.size, 3 * parallel)
         self.max_queue = max_queue
+        self.cache = cache
         # On a GPU a row costs next to nothing but a change of batch shape costs a new compute
         # graph: every step then decodes one row per slot (fillers for idle ones) and reads every
         # row's logits, so llama.cpp reuses its graph from step to step. On a CPU each row costs
@@ -156,6 +166,9 @@ class Engine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
+        if self.cache is not None:
+            self._snapshot()
+            self.cache.close()
         for slot in self.slots:
             slot.close()
         self.ctx.close()
@@ -171,13 +184,55 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._closing or self._waiting or self._active):
-                    self._cond.wait()
+                idle = False
+                if not (self._closing or self._waiting or self._active):
+                    idle = not self._cond.wait(SNAPSHOT_AFTER_S if self._unsaved() else None)
                 if self._closing:
                     for h in [*self._waiting, *self._active.values()]:
                         h._finish(error=BusyError("the server is shutting down"))
                     return
+                if self._waiting or self._active:
+                    idle = False  # work came in as the wait ended: it goes first
+                elif not idle:
+                    continue
+            if idle:
+                self._snapshot()
+                continue
             self.tick()
+
+    def _unsaved(self) -> list[Slot]:
+        """Idle slots whose cache changed since it was last saved to disk."""
+        if self.cache is None or self.cache.directory is None:
+            return []
+        return [s for s in self.slots if not s.busy and s.n_cached >= REUSE_CHUNK and s.last_used > s.saved_at]
+
+    def _snapshot(self) -> None:
+        """Write idle slots' caches to disk (they stay live too): a restart finds them there."""
+        for slot in self._unsaved():
+            self.cache.put(slot.cached[: slot.n_cached], self.ctx.seq_state(slot.seq), memory=False)
+            slot.saved_at = slot.last_used
+
+    def _bring(self, slot: Slot, task: Task) -> None:
+        """Before `slot` takes `task`: if a saved state shares more of the prompt than the slot's
+        cache does, restore it; if the prompt will overwrite much of the slot's cache, save that
+        first (another file, which its person may come back to)."""
+        if self.cache is None or not task.reuse_cache:
+            return
+        prompt = np.asarray(task.prompt, np.int32)
+        shared = slot.common_prefix(prompt)
+        saved, n = self.cache.best(prompt)
+        better = saved is not None and n >= shared + REUSE_CHUNK
+        if slot.n_cached >= REUSE_CHUNK and (better or slot.n_cached - shared >= REUSE_CHUNK):
+            self.cache.put(slot.cached[: slot.n_cached], self.ctx.seq_state(slot.seq))
+            slot.saved_at = slot.last_used
+            self.stats.cache_saves += 1
+        if better:
+            state = self.cache.load(saved)
+            if state is not None and self.ctx.seq_restore(slot.seq, state):
+                slot.holds(saved.tokens)
+                self.stats.cache_restores += 1
+            else:
+                slot.clear()
 
     def tick(self) -> None:
         """Admit what waits, then one step. The engine thread's loop body; tests call it directly
@@ -186,6 +241,7 @@ class Engine:
             admitted = self._admit()
         for slot, handle in admitted:
             try:
+                self._bring(slot, handle.task)
                 slot.start(handle.task, handle.on_text)
                 self._active[slot] = handle
             except Exception as e:  # noqa: BLE001 - the engine thread must outlive any one task

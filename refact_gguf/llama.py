@@ -244,6 +244,24 @@ class Context:
         if delta:
             llama_cpp.llama_memory_seq_add(self._memory, seq, start, stop, delta)
 
+    def seq_state(self, seq: int) -> bytearray:
+        """A copy of what the KV cache holds for `seq` (llama_state_seq_get_data)."""
+        size = llama_cpp.llama_state_seq_get_size(self.ptr, seq)
+        state = bytearray(size)
+        written = llama_cpp.llama_state_seq_get_data(self.ptr, (ctypes.c_uint8 * size).from_buffer(state), size, seq)
+        if written != size:
+            raise LlamaError(f"llama.cpp saved {written} of {size} bytes of sequence {seq}'s state")
+        return state
+
+    def seq_restore(self, seq: int, state: bytearray) -> bool:
+        """Replace `seq`'s cache with a saved state; False (and `seq` empty) if llama.cpp refuses it."""
+        self.seq_keep(seq, 0)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        if llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(state), seq) == 0:
+            self.seq_keep(seq, 0)
+            return False
+        return True
+
     # ------------------------------------------------------------ sequence 0
 
     def reset(self) -> None:

@@ -45,6 +45,7 @@ class Slot:
         self.n_cached = 0
         self.task: Task | None = None
         self.last_used = 0.0
+        self.saved_at = 0.0  # `last_used` when its cache was last saved to disk
         self._sampler = None
         self._sampling: Sampling | None = None
 
@@ -55,6 +56,11 @@ class Slot:
     def clear(self) -> None:
         self.ctx.seq_keep(self.seq, 0)
         self.n_cached = 0
+
+    def holds(self, tokens: np.ndarray) -> None:
+        """The KV cache now holds `tokens` (a saved state was restored into it)."""
+        self.cached[: len(tokens)] = tokens
+        self.n_cached = len(tokens)
 
     def common_prefix(self, prompt: np.ndarray) -> int:
         return common_prefix(self.cached[: self.n_cached], prompt)

@@ -19,6 +19,7 @@ import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Literal
 
 from fastapi import APIRouter, FastAPI, Request
@@ -257,7 +258,9 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request):
     engine = request.app.state.service.engine
-    return {"status": "ok", **engine.load(), "engine": asdict(engine.stats)}
+    cache = engine.cache
+    saved = {"entries": len(cache), "memory_mb": round(cache.memory_used / 2**20, 1)} if cache is not None else None
+    return {"status": "ok", **engine.load(), "engine": asdict(engine.stats), "prompt_cache": saved}
 
 
 @router.get("/v1/models")
@@ -441,16 +444,24 @@ class _Guard:
 
 def serve(model_path, host: str = "127.0.0.1", port: int = 8012, api_key: str | None = None, parallel: int = 1,
           n_ctx: int = 4096, threads: int | None = None, gpu_layers: str | int = 0, limits: Limits = Limits(),
-          cors_origins: list[str] | None = None, on_ready: Callable[[str], None] = lambda url: None) -> None:
-    """Load the model once, start an engine of `parallel` sequences on it, and serve until interrupted."""
+          cors_origins: list[str] | None = None, cache_mb: int | None = None, cache_disk_mb: int = 2048,
+          cache_dir: Path | None = None, on_ready: Callable[[str], None] = lambda url: None) -> None:
+    """Load the model once, start an engine of `parallel` sequences on it, and serve until
+    interrupted. Files' KV caches are kept in `cache_mb` of memory (default: from free RAM) and
+    `cache_disk_mb` under `cache_dir` (default: the user's cache directory; 0 MB: none)."""
     import uvicorn
 
     from .llama import Model
+    from .prompt_cache import PromptCache, default_directory, default_memory_mb, model_fingerprint
     from .select import gpu_layers as resolve_gpu_layers
 
     sock = _listen(host, port)  # before the model loads: a port in use is a one-line error at once
+    cache_mb = default_memory_mb() if cache_mb is None else cache_mb
+    cache = PromptCache(cache_mb << 20, model_fingerprint(model_path), cache_dir or default_directory(),
+                        cache_disk_mb << 20, model_path.name) if cache_mb or cache_disk_mb else None
     with sock, Model(model_path, resolve_gpu_layers(gpu_layers, model_path)) as model, \
-            Engine(model, n_ctx=n_ctx, parallel=parallel, threads=threads, max_queue=limits.max_queue).start() as engine:
+            Engine(model, n_ctx=n_ctx, parallel=parallel, threads=threads, max_queue=limits.max_queue,
+                   cache=cache).start() as engine:
         app = create_app(engine, model_path.name, api_key, limits, cors_origins)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
         on_ready(f"http://{host}:{port}")

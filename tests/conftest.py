@@ -32,6 +32,15 @@ if __name__ == "__main__":
 '''
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory):
+    """Saved KV caches and anything else a test writes to the user's cache go to a temporary one."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache_home")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def vocab_gguf() -> Path:
     if not VOCAB_GGUF.is_file():

@@ -268,7 +268,7 @@ def test_a_context_under_256_tokens_takes_a_long_prompt(q4_model):
     try:
         with Engine(model, n_ctx=128, parallel=1, threads=1).start() as eng:
             task = tasks.fim(model.tokenize_cached, eng.n_ctx, PREFIX * 20, SUFFIX, max_tokens=8)
-            assert len(task.prompt) > 200 and eng.run(task).tokens_predicted <= 8
+            assert len(task.prompt) > 128 and eng.run(task).tokens_predicted <= 8
     finally:
         model.close()
 
