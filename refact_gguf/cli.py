@@ -348,6 +348,7 @@ def serve(
     cache_mb: Annotated[Optional[int], typer.Option("--cache-mb", min=0, help="Memory for the KV caches of recently used files (8 KiB a token). Default: an eighth of free RAM, at most 1024.")] = None,
     cache_disk_mb: Annotated[int, typer.Option("--cache-disk-mb", min=0, help="Disk for KV caches kept across restarts; 0 keeps none.")] = 2048,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where those live (default: ~/.cache/refact-gguf/kv, or under XDG_CACHE_HOME).")] = None,
+    prompt_budget_ms: Annotated[int, typer.Option("--prompt-budget-ms", min=0, help="A file too little of which is cached to evaluate in this time gets a first answer from the lines around the cursor, its full prompt evaluated in the background (for /infill clients that send no t_max_prompt_ms; 0: always wait for the full prompt).")] = 1000,
     ctx_size: CtxSize = 4096,
     gpu_layers: GpuLayers = "auto",
     threads: Threads = None,
@@ -377,7 +378,7 @@ def serve(
     path = resolve_model(model)
     run_server(
         path, host=host, port=port, api_key=api_key, parallel=parallel, n_ctx=ctx_size, threads=threads,
-        gpu_layers=gpu_layers, limits=Limits(max_predict=max_predict, max_queue=queue), cors_origins=cors_origin,
+        gpu_layers=gpu_layers, limits=Limits(max_predict=max_predict, max_queue=queue, prompt_budget_ms=prompt_budget_ms), cors_origins=cors_origin,
         cache_mb=cache_mb, cache_disk_mb=cache_disk_mb, cache_dir=cache_dir,
         on_ready=lambda url: err.print(f"serving {path.name} on [bold]{url}[/] ({parallel} slot(s)); Ctrl-C stops"),
     )

@@ -28,12 +28,15 @@ import numpy as np
 from .errors import BusyError, InputError, RefactGGUFError
 from .llama import Context, Model
 from .prompt_cache import PromptCache
-from .runtime import REUSE_CHUNK, OnText, Slot
+from .runtime import REUSE_CHUNK, OnText, Slot, common_prefix
 from .tasks import Completion, Task
 
 
 DRIBBLE = 32  # prompts up to this many new tokens are fed one token a step when the batch is shared
 SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk
+BACKGROUND_STEP_S = 0.25  # a step of background prefill lasts about this long: the most a keystroke waits for it
+MAX_BACKGROUND = 8  # files whose full prompt waits to be evaluated in the background
+SHORT_SHARE = 0.6  # of a prompt budget, what a short prompt may take (the rest: slack, and the first tokens)
 
 
 class Handle:
@@ -46,6 +49,7 @@ class Handle:
         self.completion: Completion | None = None
         self.error: RefactGGUFError | None = None
         self.cancelled = False
+        self.background = False  # a prompt evaluated for later keystrokes, with nobody waiting
         self._done = threading.Event()
 
     def cancel(self) -> None:
@@ -93,6 +97,8 @@ class Stats:
     step_s: float = 0.0  # in whole steps (decode + picking, stopping, streaming)
     cache_saves: int = 0  # slot caches saved to the prompt cache
     cache_restores: int = 0  # saved caches restored into a slot
+    short_answers: int = 0  # requests answered from the lines around the cursor, their full prompt being late
+    background_tokens: int = 0  # prompt tokens evaluated in the background
     started: float = field(default_factory=time.time)
 
 
@@ -119,7 +125,9 @@ class Engine:
         self.full_batches = model.n_gpu_layers > 0 if full_batches is None else full_batches
         self.stats = Stats()
         self._waiting: deque[Handle] = deque()
+        self._background: deque[Handle] = deque()  # newest last: served first
         self._active: dict[Slot, Handle] = {}  # in admission order: prompts are filled first come, first served
+        self.prompt_rate: float | None = None  # prompt tokens a second, measured
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -130,9 +138,15 @@ class Engine:
         """Start the engine thread, after one decode so the first request pays no one-time setup
         (weights paged in, GPU kernels loaded), as llama-server warms up at start."""
         if warmup:
-            self.ctx.batch.one(0, 0, 0)
-            self.ctx.run(self.ctx.batch)
-            self.ctx.seq_keep(0, 0)
+            batch = self.ctx.batch
+            for n in (1, min(32, batch.capacity)):  # the second, warm, measures the prompt rate
+                batch.clear()
+                batch.add(0, [0] * n, 0, output_last=True)
+                t0 = time.perf_counter()
+                self.ctx.run(batch)
+                self.ctx.synchronize()
+                self.prompt_rate = n / (time.perf_counter() - t0)
+                self.ctx.seq_keep(0, 0)
         self._thread = threading.Thread(target=self._loop, name="refact-gguf-engine", daemon=True)
         self._thread.start()
         return self
@@ -155,10 +169,17 @@ class Engine:
         """Submit and wait (for callers that have a thread to spare)."""
         return self.submit(task, on_text).wait()
 
+    def short_tokens(self, budget_s: float) -> int | None:
+        """How long a short prompt may be to be in within `budget_s`; None: too soon to tell."""
+        if self.prompt_rate is None or self.cache is None:  # no cache: the full prompt's progress would be lost
+            return None
+        return max(16, int(self.prompt_rate * budget_s * SHORT_SHARE))
+
     def load(self) -> dict:
-        """How busy it is now: slots busy and tasks waiting."""
+        """How busy it is now: slots busy, tasks waiting, prompts waiting for background work."""
         with self._cond:
-            return {"slots": len(self.slots), "busy": sum(s.busy for s in self.slots), "waiting": len(self._waiting)}
+            return {"slots": len(self.slots), "busy": sum(s.busy for s in self.slots), "waiting": len(self._waiting),
+                    "background": len(self._background) + sum(h.background for h in self._active.values())}
 
     def close(self) -> None:
         with self._cond:
@@ -185,32 +206,49 @@ class Engine:
         while True:
             with self._cond:
                 idle = False
-                if not (self._closing or self._waiting or self._active):
+                if not (self._closing or self._waiting or self._active or self._background):
                     idle = not self._cond.wait(SNAPSHOT_AFTER_S if self._unsaved() else None)
                 if self._closing:
                     for h in [*self._waiting, *self._active.values()]:
                         h._finish(error=BusyError("the server is shutting down"))
                     return
-                if self._waiting or self._active:
+                if self._waiting or self._active or self._background:
                     idle = False  # work came in as the wait ended: it goes first
                 elif not idle:
                     continue
-            if idle:
-                self._snapshot()
-                continue
-            self.tick()
+            try:
+                if idle:
+                    self._snapshot()
+                    continue
+                self.tick()
+            except Exception as e:  # noqa: BLE001 - our own bug: fail what is under way, keep serving
+                error = _library_error(e)
+                with self._cond:
+                    handles, self._waiting = [*self._waiting, *self._active.values()], deque()
+                for slot in self.slots:
+                    slot.task = slot.on_text = None
+                    slot.clear()
+                self._active.clear()
+                for h in handles:
+                    self.stats.errors += 1
+                    h._finish(error=error)
 
     def _unsaved(self) -> list[Slot]:
-        """Idle slots whose cache changed since it was last saved to disk."""
+        """Idle slots whose cache changed since it was last saved."""
         if self.cache is None or self.cache.directory is None:
             return []
-        return [s for s in self.slots if not s.busy and s.n_cached >= REUSE_CHUNK and s.last_used > s.saved_at]
+        return [s for s in self.slots if not s.busy and s.unsaved]
 
     def _snapshot(self) -> None:
         """Write idle slots' caches to disk (they stay live too): a restart finds them there."""
         for slot in self._unsaved():
-            self.cache.put(slot.cached[: slot.n_cached], self.ctx.seq_state(slot.seq), memory=False)
-            slot.saved_at = slot.last_used
+            self._save(slot, memory=False)
+
+    def _save(self, slot: Slot, memory: bool = True) -> None:
+        if slot.unsaved:
+            self.cache.put(slot.cached[: slot.n_cached], self.ctx.seq_state(slot.seq), memory)
+            slot.saved_edits = slot.edits
+            self.stats.cache_saves += 1
 
     def _bring(self, slot: Slot, task: Task) -> None:
         """Before `slot` takes `task`: if a saved state shares more of the prompt than the slot's
@@ -222,10 +260,8 @@ class Engine:
         shared = slot.common_prefix(prompt)
         saved, n = self.cache.best(prompt)
         better = saved is not None and n >= shared + REUSE_CHUNK
-        if slot.n_cached >= REUSE_CHUNK and (better or slot.n_cached - shared >= REUSE_CHUNK):
-            self.cache.put(slot.cached[: slot.n_cached], self.ctx.seq_state(slot.seq))
-            slot.saved_at = slot.last_used
-            self.stats.cache_saves += 1
+        if better or slot.n_cached - shared >= REUSE_CHUNK:
+            self._save(slot)
         if better:
             state = self.cache.load(saved)
             if state is not None and self.ctx.seq_restore(slot.seq, state):
@@ -237,15 +273,23 @@ class Engine:
     def tick(self) -> None:
         """Admit what waits, then one step. The engine thread's loop body; tests call it directly
         (on an engine that was not started) to replay an exact interleaving."""
-        with self._cond:
-            admitted = self._admit()
-        for slot, handle in admitted:
-            try:
-                self._bring(slot, handle.task)
-                slot.start(handle.task, handle.on_text)
-                self._active[slot] = handle
-            except Exception as e:  # noqa: BLE001 - the engine thread must outlive any one task
-                self._fail(slot, handle, _library_error(e))
+        for _ in range(2):  # again when a request became its short version: it waits for a slot
+            self._yield_background()
+            with self._cond:
+                admitted = self._admit()
+            shortened = False
+            for slot, handle in admitted:
+                try:
+                    self._bring(slot, handle.task)
+                    slot.start(handle.task, handle.on_text)
+                    self._active[slot] = handle
+                    if self._late(slot, handle.task):
+                        self._answer_short(slot, handle)
+                        shortened = True
+                except Exception as e:  # noqa: BLE001 - the engine thread must outlive any one task
+                    self._fail(slot, handle, _library_error(e))
+            if not shortened:
+                break
         try:
             self.step()
         except Exception as e:  # noqa: BLE001 - llama.cpp failed (or we did): the batch's tasks end with it
@@ -253,12 +297,58 @@ class Engine:
                 slot.clear()  # its KV cache is in an unknown state
                 self._fail(slot, handle, _library_error(e))
 
+    # ------------------------------------------------------------------ background prefill
+
+    def _late(self, slot: Slot, task: Task) -> bool:
+        """The cache holds too little of the prompt to have it in by the task's budget."""
+        if task.short is None or task.prompt_budget is None or self.short_tokens(1.0) is None:
+            return False
+        return time.perf_counter() + len(slot.todo) / self.prompt_rate > task.prompt_budget
+
+    def _answer_short(self, slot: Slot, handle: Handle) -> None:
+        """The full prompt goes on evaluating on `slot`, in the background; the person's request
+        becomes its short version, first in line."""
+        full = handle.task
+        handle.task = full.short
+        full.prompt_deadline = full.deadline = None  # the client's limits are the short one's now
+        full.short = full.prompt_budget = None  # it is background work from now on, never late
+        background = Handle(full, None, None)
+        background.background = True
+        slot.on_text, slot.max_tokens = None, 0  # prefill only
+        self._active[slot] = background
+        self.stats.short_answers += 1
+        with self._cond:
+            self._waiting.appendleft(handle)
+            # One job a file: its newest prompt makes the older ones moot.
+            self._background = deque(h for h in self._background if not _same_file(h.task.prompt, full.prompt))
+
+    def _yield_background(self) -> None:
+        """A slot doing background work is given up, its progress saved, for each request that
+        waits without an idle slot; the job goes back to the queue."""
+        with self._cond:
+            wanted = len(self._waiting) - sum(not s.busy for s in self.slots)
+        for slot, handle in list(self._active.items()):
+            if wanted <= 0:
+                break
+            if handle.background:
+                self._save(slot)
+                slot.task = slot.on_text = None
+                del self._active[slot]
+                with self._cond:
+                    self._background.append(handle)
+                    while len(self._background) > MAX_BACKGROUND:
+                        self._background.popleft()
+                wanted -= 1
+
+    # ------------------------------------------------------------------ admission
+
     def _admit(self) -> list[tuple[Slot, Handle]]:
-        """Waiting tasks → idle slots (under the lock); the slots start them outside it."""
+        """Waiting tasks → idle slots (under the lock), then background jobs to the slots left;
+        the slots start them outside it."""
         admitted = []
         idle = [s for s in self.slots if not s.busy]
-        while self._waiting and idle:
-            handle = self._waiting.popleft()
+        while (self._waiting or self._background) and idle:
+            handle = self._waiting.popleft() if self._waiting else self._background.pop()
             if handle.cancelled:
                 handle._finish(Completion("", "cancelled", len(handle.task.prompt), 0, 0, 0, 0.0, 0.0))
                 continue
@@ -309,13 +399,19 @@ class Engine:
         # Prompt tokens: every filling slot gets one. Beyond that, a slot's tokens go to a ubatch of
         # their own (one more pass over the weights for the whole step), worth it only for a long
         # prompt: the few tokens a keystroke adds go one per step while others share the batch.
-        busy = {slot.seq: slot for slot in self._active}
+        # Background prompts run only in steps no person is waiting on, a short step each.
+        people = [slot for slot, handle in self._active.items() if not handle.background]
+        working = people or list(self._active)
+        busy = {slot.seq: slot for slot in working}
         lo, hi = (0, len(self.slots) - 1) if self.full_batches else (min(busy), max(busy))
         room = batch.capacity - (hi - lo + 1)
         chunk: dict[Slot, int] = {}
-        for slot in self._active:
+        for slot in working:
             if not slot.generating:
                 more = min(len(slot.todo) - 1, room) if len(busy) == 1 or len(slot.todo) > DRIBBLE else 0
+                if not people:
+                    more = min(more, max(8, int((self.prompt_rate or 0) * BACKGROUND_STEP_S)) - 1)
+                    self.stats.background_tokens += 1 + more
                 chunk[slot] = 1 + more
                 room -= more
         batch.clear()
@@ -361,12 +457,20 @@ class Engine:
             done = slot.accept(token)
             if done is not None:
                 self._done(slot, done)
+        if sum(chunk.values()) >= 16:  # a prompt step: how fast prompts go now
+            rate = batch.n / (t1 - t0)
+            self.prompt_rate = rate if self.prompt_rate is None else 0.7 * self.prompt_rate + 0.3 * rate
         stats = self.stats
         stats.steps += 1
         stats.batch_tokens += batch.n
         stats.fillers += len(fillers)
         stats.decode_s += t1 - t0
         stats.step_s += time.perf_counter() - now
+
+
+def _same_file(a: list[int], b: list[int]) -> bool:
+    """Two prompts of one file: they share at least half of the shorter one's ids up front."""
+    return common_prefix(np.asarray(a, np.int32), np.asarray(b, np.int32)) >= min(len(a), len(b)) // 2
 
 
 def _library_error(e: Exception) -> RefactGGUFError:

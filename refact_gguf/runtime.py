@@ -45,7 +45,8 @@ class Slot:
         self.n_cached = 0
         self.task: Task | None = None
         self.last_used = 0.0
-        self.saved_at = 0.0  # `last_used` when its cache was last saved to disk
+        self.edits = 0  # changes to the cache, counted: a save records the count it saw
+        self.saved_edits = 0
         self._sampler = None
         self._sampling: Sampling | None = None
 
@@ -53,14 +54,22 @@ class Slot:
     def busy(self) -> bool:
         return self.task is not None
 
+    @property
+    def unsaved(self) -> bool:
+        """The cache holds enough to be worth keeping and changed since it was last saved."""
+        return self.n_cached >= REUSE_CHUNK and self.edits != self.saved_edits
+
     def clear(self) -> None:
         self.ctx.seq_keep(self.seq, 0)
         self.n_cached = 0
+        self.edits += 1
 
     def holds(self, tokens: np.ndarray) -> None:
         """The KV cache now holds `tokens` (a saved state was restored into it)."""
         self.cached[: len(tokens)] = tokens
         self.n_cached = len(tokens)
+        self.edits += 1
+        self.saved_edits = self.edits  # it came from the cache: saved already
 
     def common_prefix(self, prompt: np.ndarray) -> int:
         return common_prefix(self.cached[: self.n_cached], prompt)
@@ -132,6 +141,8 @@ class Slot:
                 else:
                     src += 1
         self.ctx.seq_keep(self.seq, head)  # whatever was not kept or shifted back
+        if head != self.n_cached:
+            self.edits += 1
         self.cached[:head] = prompt[:head]
         self.n_cached = head
         return head
@@ -145,6 +156,7 @@ class Slot:
         """The next `n` tokens of `todo` were decoded at `pos`."""
         self.cached[self.n_cached : self.n_cached + n] = self.todo[:n]
         self.n_cached += n
+        self.edits += 1
         self.evaluated += n
         self.todo = self.todo[n:]
         if not len(self.todo):
@@ -154,6 +166,7 @@ class Slot:
         """`next_token` was decoded at `pos`."""
         self.cached[self.n_cached] = self.next_token
         self.n_cached += 1
+        self.edits += 1
 
     def pick(self, row: int) -> int:
         """A token from the logits of batch row `row` (sampled requests; greedy ones are picked
@@ -190,6 +203,7 @@ class Slot:
         done = Completion(
             text, rules.stopped or reason, self.prompt_len, self.reused, self.evaluated, self.n_predicted,
             (self.t_prompt - self.t_start) * 1e3, (now - self.t_prompt) * 1e3, task.truncated, list(task.notes),
+            task.short_context,
         )
         self.task = self.on_text = None
         self.last_used = now

@@ -44,6 +44,7 @@ class Limits:
     max_predict: int = 1024
     max_queue: int = 16
     body_timeout_s: float = 30.0  # a request body that stops arriving frees its connection after this
+    prompt_budget_ms: int = 1000  # for /infill clients that send no t_max_prompt_ms (0: always the full prompt)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ def infill_result(c: Completion, model_name: str, content: str | None = None) ->
         "content": c.text if content is None else content, "model": model_name, "stop": True,
         "stop_type": {"max_tokens": "limit", "eos": "eos", "special": "eos"}.get(c.stop_reason, "word"),
         "stopping_word": "", "tokens_predicted": c.tokens_predicted, "tokens_evaluated": c.prompt_tokens,
-        "tokens_cached": c.tokens_cached, "truncated": c.truncated, "timings": timings(c),
+        "tokens_cached": c.tokens_cached, "truncated": c.truncated, "short_context": c.short_context,
+        "timings": timings(c),
     }
 
 
@@ -275,6 +277,12 @@ async def infill(body: InfillRequest, request: Request):
     n_predict = check_predict(service, body.n_predict if body.n_predict >= 0 else 128)
     start = time.perf_counter()
 
+    # When the cache holds too little of the prompt to have it in within the budget, the engine
+    # answers from the lines around the cursor (the task's `short` version) and evaluates the
+    # full prompt in the background.
+    budget_ms = body.t_max_prompt_ms if body.t_max_prompt_ms > 0 else service.limits.prompt_budget_ms
+    short_tokens = service.engine.short_tokens(budget_ms / 1e3) if budget_ms > 0 and body.cache_prompt else None
+
     def build() -> Task:
         extra: list[int] = []
         for c in body.input_extra:
@@ -283,10 +291,14 @@ async def infill(body: InfillRequest, request: Request):
             service.tokenize, service.engine.n_ctx, body.input_prefix, body.input_suffix, order=body.fim_order,
             max_tokens=n_predict, sampling=Sampling(body.temperature, body.top_k, body.top_p, body.seed),
             line=body.prompt, extra=extra, indent=body.n_indent or None, stop=tuple(body.stop),
+            short_tokens=short_tokens,
         )
         task.reuse_cache = body.cache_prompt
-        task.prompt_deadline = start + body.t_max_prompt_ms / 1e3 if body.t_max_prompt_ms > 0 else None
-        task.deadline = start + body.t_max_predict_ms / 1e3 if body.t_max_predict_ms > 0 else None
+        task.prompt_budget = start + budget_ms / 1e3 if short_tokens is not None else None
+        for t in (task, task.short):
+            if t is not None:
+                t.prompt_deadline = start + body.t_max_prompt_ms / 1e3 if body.t_max_prompt_ms > 0 else None
+                t.deadline = start + body.t_max_predict_ms / 1e3 if body.t_max_predict_ms > 0 else None
         return task
 
     if body.stream:

@@ -46,6 +46,7 @@ class Completion:
     predicted_ms: float
     truncated: bool = False
     notes: list[str] = field(default_factory=list)
+    short_context: bool = False  # answered from the lines around the cursor, the full prompt being late
 
 
 # ---------------------------------------------------------------------------------- stop rules
@@ -156,6 +157,12 @@ class Task:
     reuse_cache: bool = True  # False: evaluate the whole prompt (llama-server's cache_prompt: false)
     truncated: bool = False
     notes: tuple[str, ...] = ()
+    # The same request on the lines around the cursor: what the engine answers instead when the
+    # cache holds too little of `prompt` to have it in by `prompt_budget` (a time.perf_counter()),
+    # evaluating `prompt` in the background meanwhile, for the keystrokes that follow.
+    short: Task | None = None
+    prompt_budget: float | None = None
+    short_context: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -164,9 +171,11 @@ class Task:
 
 def fim(tokenize: Tokenize, n_ctx: int, prefix: str, suffix: str = "", *, order: fim_prompt.Order = "spm",
         max_tokens: int = 128, multiline: bool = True, sampling: Sampling = Sampling(), line: str = "",
-        extra: list[int] | tuple[int, ...] = (), indent: int | None = None, stop: tuple[str, ...] = ()) -> Task:
+        extra: list[int] | tuple[int, ...] = (), indent: int | None = None, stop: tuple[str, ...] = (),
+        short_tokens: int | None = None) -> Task:
     """Fill in between `prefix` (+ `line`, the text typed on the cursor's line) and `suffix`.
-    See fim.build_prompt for the layout, `extra` and truncation."""
+    See fim.build_prompt for the layout, `extra` and truncation. With `short_tokens`, a prompt
+    longer than that carries its `short` version: the lines around the cursor in that many tokens."""
     prompt = fim_prompt.build_prompt(tokenize, prefix, suffix, n_ctx - max_tokens, order, line, extra)
     notes = ()
     if prompt.truncated:
@@ -174,7 +183,22 @@ def fim(tokenize: Tokenize, n_ctx: int, prefix: str, suffix: str = "", *, order:
                  f"{' (cut)' if prompt.prefix_truncated else ''} and the first {len(prompt.suffix)} of the suffix"
                  f"{' (cut)' if prompt.suffix_truncated else ''}",)
     rules = StopRules(stop, code=True, prefix=prompt.prefix, suffix=prompt.suffix, multiline=multiline, indent=indent)
-    return Task(prompt.tokens, max_tokens, sampling, rules, truncated=prompt.truncated, notes=notes)
+    task = Task(prompt.tokens, max_tokens, sampling, rules, truncated=prompt.truncated, notes=notes)
+    if short_tokens is not None and len(prompt.tokens) > short_tokens:
+        # Whole lines near the cursor, a few times the budget's worth of characters, so fitting
+        # them tokenizes a few lines, not the file.
+        span = 8 * short_tokens
+        near_prefix = prefix if len(prefix) <= span else prefix[-span:].partition("\n")[2]
+        head = prompt.suffix[:span]
+        near_suffix = head if len(prompt.suffix) <= span else head[: head.rfind("\n") + 1]
+        near = fim_prompt.build_prompt(tokenize, near_prefix, near_suffix, short_tokens, order, line)
+        task.short = Task(
+            near.tokens, max_tokens, sampling,
+            StopRules(stop, code=True, prefix=near.prefix, suffix=near.suffix, multiline=multiline, indent=indent),
+            truncated=True, short_context=True,
+            notes=(f"short context: answered from the {len(near.tokens)} tokens around the cursor while the"
+                   f" full prompt ({len(prompt.tokens)} tokens) is evaluated for the next keystrokes",))
+    return task
 
 
 def complete(tokenize: Tokenize, n_ctx: int, text: str, *, max_tokens: int = 128, sampling: Sampling = Sampling(),

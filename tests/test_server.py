@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from refact_gguf import tasks
 from refact_gguf.engine import Engine
 from refact_gguf.llama import Model
+from refact_gguf.prompt_cache import PromptCache
 from refact_gguf.server import Limits, create_app
 
 PREFIX = "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n"
@@ -36,6 +37,15 @@ class SlowEngine(Engine):
     def _done(self, slot, completion):
         SlowEngine.stops.append(completion.stop_reason)
         super()._done(slot, completion)
+
+
+class SlowPromptsCached(Engine):
+    """With a prompt cache, and prompts measured at 100 tokens a second whatever the machine."""
+
+    prompt_rate = property(lambda self: 100.0, lambda self, value: None)
+
+    def __init__(self, model, **options):
+        super().__init__(model, cache=PromptCache(64 << 20), **options)
 
 
 @contextmanager
@@ -303,3 +313,16 @@ def test_serve_on_a_port_in_use_is_one_line_before_loading(q4_model):
         port = taken.getsockname()[1]
         r = CliRunner().invoke(app, ["serve", "-m", str(q4_model), "--port", str(port)])
     assert r.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in r.output and " on http" not in r.output
+
+
+def test_a_cold_file_is_answered_from_the_lines_around_the_cursor_and_says_so(q4_model):
+    with running(q4_model, parallel=1, engine=SlowPromptsCached) as u:
+        body = {"input_prefix": PREFIX * 12, "input_suffix": SUFFIX, "n_predict": 4, "t_max_prompt_ms": 500}
+        first = httpx.post(f"{u}/infill", json=body, timeout=60).json()
+        assert first["short_context"] and first["truncated"] and first["tokens_evaluated"] <= 30
+        deadline = time.time() + 60
+        while httpx.get(f"{u}/health").json()["background"]:  # the full prompt, in the background
+            assert time.time() < deadline
+            time.sleep(0.05)
+        again = httpx.post(f"{u}/infill", json={**body, "prompt": "x"}, timeout=60).json()
+        assert not again["short_context"] and again["tokens_cached"] > 300 and again["timings"]["prompt_n"] < 10

@@ -1,10 +1,13 @@
-"""Many files' KV caches: saved and restored through llama.cpp (synthetic weights), bounded in
-memory, written to disk and read back after a restart; bad files are deleted, never loaded."""
+"""Cold files: many files' KV caches saved and restored through llama.cpp (synthetic weights),
+bounded in memory, written to disk and read back after a restart (bad files deleted, never
+loaded); a file too little of which is cached answered from the lines around the cursor while its
+full prompt is evaluated in the background, which yields to any keystroke."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -30,6 +33,26 @@ def files():
     rng = np.random.default_rng(7)
     a, b, c = (rng.integers(100, 40000, 200).tolist() for _ in range(3))
     return a, b, c, a + rng.integers(100, 40000, 3).tolist()
+
+
+class SlowPrompts(Engine):
+    """Prompts measured at 100 tokens a second whatever the machine: a 200-token file is late
+    for a 0.5 s budget, as a 1,500-token file is on a laptop."""
+
+    prompt_rate = property(lambda self: 100.0, lambda self, value: None)
+
+
+def keystroke(prompt, short=None, budget_s=0.5):
+    short = short if short is not None else prompt[-30:]  # stands for the lines around the cursor
+    return Task(list(prompt), 8, short=Task(list(short), 8, short_context=True),
+                prompt_budget=time.perf_counter() + budget_s)
+
+
+def until(condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def fresh(model, prompt):
@@ -151,3 +174,55 @@ def test_a_changed_model_file_invalidates_saved_states(model, files, tmp_path):
     os.utime(copy, ns=(0, 10**18))  # the file was replaced (re-pulled, re-converted)
     cache = PromptCache(64 << 20, model_fingerprint(copy), tmp_path, 64 << 20, model.path.name)
     assert len(cache) == 0 and cache.rejected == 1 and not path.exists()
+
+
+def test_a_cold_file_is_answered_short_then_comes_back_with_its_full_context(model, files):
+    a, _, _, a2 = files
+    with SlowPrompts(model, n_ctx=N_CTX, parallel=1, threads=2, cache=cache_for(model)) as engine:
+        engine.start(warmup=False)
+        first = engine.run(keystroke(a))
+        assert first.short_context and first.prompt_tokens == 30 and first.text == fresh(model, a[-30:])
+        until(lambda: engine.load()["background"] == 0)  # the full prompt, evaluated meanwhile
+        assert engine.stats.background_tokens == len(a) and engine.stats.short_answers == 1
+        back = engine.run(keystroke(a2))
+    assert not back.short_context and back.tokens_evaluated == 3 and back.text == fresh(model, a2)
+
+
+def test_a_cached_file_is_not_answered_short(model, files):
+    a, _, _, a2 = files
+    with SlowPrompts(model, n_ctx=N_CTX, parallel=1, threads=2, cache=cache_for(model)) as engine:
+        engine.start(warmup=False)
+        engine.run(Task(a, 8))
+        assert not engine.run(keystroke(a2)).short_context
+
+
+def test_background_work_yields_to_a_keystroke_within_one_step(model, files):
+    a, b, _, a2 = files
+    engine = SlowPrompts(model, n_ctx=N_CTX, parallel=1, threads=2, cache=cache_for(model))
+    with engine:
+        short = engine.submit(keystroke(a))
+        for _ in range(50):
+            if short.done:
+                break
+            engine.tick()
+        assert short.wait(0).short_context
+        for _ in range(4):  # the full prompt goes on: 4 background steps
+            engine.tick()
+        (slot, job), = engine._active.items()
+        assert job.background and slot.n_cached >= 64
+        other = engine.submit(Task(b, 8))  # a keystroke in another file
+        engine.tick()
+        assert engine._active[slot] is other and slot.evaluated > 0  # its prompt went in this very step
+        assert engine.load()["background"] == 1
+        for _ in range(200):
+            if other.done and not engine.load()["background"]:
+                break
+            engine.tick()
+        assert other.wait(0).text == fresh(model, b)
+        assert engine.stats.cache_restores >= 1  # the full prompt resumed from where it was saved
+        back = engine.submit(Task(a2, 8))
+        for _ in range(50):
+            if back.done:
+                break
+            engine.tick()
+        assert back.wait(0).tokens_evaluated == 3 and back.wait(0).text == fresh(model, a2)
