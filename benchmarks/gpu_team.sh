@@ -4,7 +4,7 @@
 #            `refact-gguf bench --parallel 1,8,32 -p 1500 --n-gen 16`, alternating, 2 rounds;
 #   team:    benchmarks/team_replay.py for N = 1, 8, 32 typists against `refact-gguf serve --parallel N`
 #            and `llama-server -np N` (4096 tokens per slot, per-slot KV), alternating, a fresh server each run.
-#   bash benchmarks/gpu_team.sh [all|batched|team|setup]
+#   bash benchmarks/gpu_team.sh [all|batched|team|setup]     (TYPISTS="1 8" for fewer team sizes)
 # llama.cpp is built from the carried sdist into .gpu/ (ignored by git), which a warm machine keeps
 # between calls. Needs, carried beside the repo: .whl/ and .sdist/llama-src.tar.gz (docs/benchmarks.md).
 set -uo pipefail
@@ -66,7 +66,7 @@ fi
 [ "$STEPS" = batched ] && exit 0
 
 wait_up() { for _ in $(seq 120); do curl -sf "http://127.0.0.1:$1/health" > /dev/null && return 0; sleep 0.5; done; return 1; }
-for n in 1 8 32; do
+for n in ${TYPISTS:-1 8 32}; do
     for round in 1 2; do
         for side in ours theirs; do
             [ $round = 2 ] && side=$([ $side = ours ] && echo theirs || echo ours)

@@ -139,7 +139,7 @@ class Engine:
         (weights paged in, GPU kernels loaded), as llama-server warms up at start."""
         if warmup:
             batch = self.ctx.batch
-            for n in (1, min(32, batch.capacity)):  # the second, warm, measures the prompt rate
+            for n in (1, min(32, batch.capacity), min(32, batch.capacity)):  # the last, warm, measures prompts
                 batch.clear()
                 batch.add(0, [0] * n, 0, output_last=True)
                 t0 = time.perf_counter()
@@ -188,7 +188,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
         if self.cache is not None:
-            self._snapshot()
+            self._snapshot(idle=False)  # background work under way included: a restart goes on from there
             self.cache.close()
         for slot in self.slots:
             slot.close()
@@ -233,15 +233,15 @@ class Engine:
                     self.stats.errors += 1
                     h._finish(error=error)
 
-    def _unsaved(self) -> list[Slot]:
-        """Idle slots whose cache changed since it was last saved."""
+    def _unsaved(self, idle: bool = True) -> list[Slot]:
+        """(Idle) slots whose cache changed since it was last saved."""
         if self.cache is None or self.cache.directory is None:
             return []
-        return [s for s in self.slots if not s.busy and s.unsaved]
+        return [s for s in self.slots if not (idle and s.busy) and s.unsaved]
 
-    def _snapshot(self) -> None:
-        """Write idle slots' caches to disk (they stay live too): a restart finds them there."""
-        for slot in self._unsaved():
+    def _snapshot(self, idle: bool = True) -> None:
+        """Write (idle) slots' caches to disk (they stay live too): a restart finds them there."""
+        for slot in self._unsaved(idle):
             self._save(slot, memory=False)
 
     def _save(self, slot: Slot, memory: bool = True) -> None:
