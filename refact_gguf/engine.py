@@ -34,7 +34,7 @@ from .tasks import Completion, Task
 
 DRIBBLE = 32  # prompts up to this many new tokens are fed one token a step when the batch is shared
 SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk
-BACKGROUND_STEP_S = 0.25  # a step of background prefill lasts about this long: the most a keystroke waits for it
+BACKGROUND_STEP_S = 2.0  # a step of background prefill lasts about this long (a request arriving stops it at once)
 MAX_BACKGROUND = 8  # files whose full prompt waits to be evaluated in the background
 SHORT_SHARE = 0.6  # of a prompt budget, what a short prompt may take (the rest: slack, and the first tokens)
 
@@ -99,6 +99,7 @@ class Stats:
     cache_restores: int = 0  # saved caches restored into a slot
     short_answers: int = 0  # requests answered from the lines around the cursor, their full prompt being late
     background_tokens: int = 0  # prompt tokens evaluated in the background
+    background_stopped: int = 0  # background steps given up for a person's request
     started: float = field(default_factory=time.time)
 
 
@@ -399,7 +400,7 @@ class Engine:
         # Prompt tokens: every filling slot gets one. Beyond that, a slot's tokens go to a ubatch of
         # their own (one more pass over the weights for the whole step), worth it only for a long
         # prompt: the few tokens a keystroke adds go one per step while others share the batch.
-        # Background prompts run only in steps no person is waiting on, a short step each.
+        # Background prompts run only in steps no person is waiting on; a request arriving stops them.
         people = [slot for slot, handle in self._active.items() if not handle.background]
         working = people or list(self._active)
         busy = {slot.seq: slot for slot in working}
@@ -410,8 +411,7 @@ class Engine:
             if not slot.generating:
                 more = min(len(slot.todo) - 1, room) if len(busy) == 1 or len(slot.todo) > DRIBBLE else 0
                 if not people:
-                    more = min(more, max(8, int((self.prompt_rate or 0) * BACKGROUND_STEP_S)) - 1)
-                    self.stats.background_tokens += 1 + more
+                    more = min(more, max(32, int((self.prompt_rate or 0) * BACKGROUND_STEP_S)) - 1)
                 chunk[slot] = 1 + more
                 room -= more
         batch.clear()
@@ -433,10 +433,16 @@ class Engine:
                 if every:
                     rows.append((None, row))
         t0 = time.perf_counter()
-        ctx.run(batch)
+        # Background work gives its step up the moment a person's request comes in.
+        done = ctx.run(batch, stop_if=(lambda: bool(self._waiting)) if not people else None)
         t1 = time.perf_counter()
         for slot in fillers:
             ctx.seq_keep(slot.seq, slot.n_cached)
+        if not done:
+            self.stats.background_stopped += 1
+            return
+        if not people:
+            self.stats.background_tokens += sum(chunk.values())
         outputs = [(slot, k, row) for k, (slot, row) in enumerate(rows) if slot is not None]
         for slot, _, _ in outputs:
             if slot.generating:

@@ -11,6 +11,7 @@ import ctypes
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import llama_cpp
 import numpy as np
@@ -206,13 +207,26 @@ class Context:
 
     # ------------------------------------------------------------ sequences and batches
 
-    def run(self, batch: Batch) -> None:
-        """One `llama_decode` of everything in `batch`."""
+    def run(self, batch: Batch, stop_if: Callable[[], bool] | None = None) -> bool:
+        """One `llama_decode` of everything in `batch`. With `stop_if`, llama.cpp asks it between
+        the graph's operations (on a CPU) and gives the batch up when it says so: False then, and
+        the batch's positions are gone from the cache (one ubatch: nothing of it stays)."""
         raw = batch.raw
         raw.n_tokens = batch.n
-        status = llama_cpp.llama_decode(self.ptr, raw)
+        if stop_if is None:
+            status = llama_cpp.llama_decode(self.ptr, raw)
+        else:
+            check = llama_cpp.ggml_abort_callback(lambda _: stop_if())
+            llama_cpp.llama_set_abort_callback(self.ptr, check, None)
+            try:
+                status = llama_cpp.llama_decode(self.ptr, raw)
+            finally:  # off again: asked at every operation, it would cost a generated token time
+                llama_cpp.llama_set_abort_callback(self.ptr, llama_cpp.ggml_abort_callback(), None)
+            if status == 2:
+                return False
         if status != 0:
             raise LlamaError(f"llama.cpp failed to decode a batch of {batch.n} tokens (llama_decode returned {status})")
+        return True
 
     def logits(self, n_outputs: int) -> np.ndarray:
         """A view (no copy) of the last batch's output rows, [n_outputs, n_vocab], in batch order;

@@ -192,9 +192,10 @@ def fim(tokenize: Tokenize, n_ctx: int, prefix: str, suffix: str = "", *, order:
         head = prompt.suffix[:span]
         near_suffix = head if len(prompt.suffix) <= span else head[: head.rfind("\n") + 1]
         near = fim_prompt.build_prompt(tokenize, near_prefix, near_suffix, short_tokens, order, line)
+        # One line: what a few lines of context can tell (the full context comes with later keys).
         task.short = Task(
             near.tokens, max_tokens, sampling,
-            StopRules(stop, code=True, prefix=near.prefix, suffix=near.suffix, multiline=multiline, indent=indent),
+            StopRules(stop, code=True, prefix=near.prefix, suffix=near.suffix, multiline=False, indent=indent),
             truncated=True, short_context=True,
             notes=(f"short context: answered from the {len(near.tokens)} tokens around the cursor while the"
                    f" full prompt ({len(prompt.tokens)} tokens) is evaluated for the next keystrokes",))

@@ -75,6 +75,16 @@ def converted_f32(hf_fused, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def model(converted_f32):
+    """The f32 synthetic model, loaded: batched and single decodes then differ only by accumulation
+    order, so a greedy near-tie flipping is not what a failing comparison means."""
+    from refact_gguf.llama import Model
+
+    with Model(converted_f32.base) as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
 def sample_tokens(converted_f32) -> list[int]:
     from refact_gguf.llama import Model
 

@@ -13,18 +13,12 @@ import numpy as np
 import pytest
 
 from refact_gguf.engine import Engine
-from refact_gguf.llama import Model
+from refact_gguf.llama import Context
 from refact_gguf.prompt_cache import PromptCache, model_fingerprint
 from refact_gguf.runtime import Runtime
 from refact_gguf.tasks import Task
 
 N_CTX = 512
-
-
-@pytest.fixture(scope="module")
-def model(converted_f32):
-    with Model(converted_f32.base) as m:
-        yield m
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +220,18 @@ def test_background_work_yields_to_a_keystroke_within_one_step(model, files):
                 break
             engine.tick()
         assert back.wait(0).tokens_evaluated == 3 and back.wait(0).text == fresh(model, a2)
+
+
+def test_a_decode_given_up_leaves_no_trace_in_the_cache(model, files):
+    """How background work yields: llama.cpp asks `stop_if` between operations and drops the batch."""
+    import llama_cpp
+
+    a = files[0]
+    with Context(model, n_ctx=N_CTX, threads=2) as ctx, Context(model, n_ctx=N_CTX, threads=2) as ref:
+        for c in (ctx, ref):
+            c.batch.clear()
+            c.batch.add(0, a[:64], 0, output_last=True)
+        assert ctx.run(ctx.batch, stop_if=lambda: True) is False
+        assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx.ptr), 0) == -1
+        assert ctx.run(ctx.batch) and ref.run(ref.batch)  # the same positions go in again
+        np.testing.assert_array_equal(ctx.logits(1), ref.logits(1))

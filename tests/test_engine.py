@@ -8,19 +8,11 @@ import pytest
 
 from refact_gguf.engine import Engine
 from refact_gguf.errors import BusyError
-from refact_gguf.llama import Context, Model
+from refact_gguf.llama import Context
 from refact_gguf.runtime import Runtime
 from refact_gguf.tasks import Sampling, StopRules, Task
 
 N_CTX = 512
-
-
-@pytest.fixture(scope="module")
-def model(converted_f32):
-    # f32 weights: batched and single decodes then differ only by accumulation order, so a
-    # greedy near-tie flipping is not what a failure here means
-    with Model(converted_f32.base) as m:
-        yield m
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import pytest
 
 from refact_gguf.errors import InputError
 from refact_gguf.fim import build_prompt
+from refact_gguf import tasks
 from refact_gguf.tasks import StopRules
 
 
@@ -50,6 +51,18 @@ def test_typing_on_a_new_line_keeps_a_truncated_layout():
     prompts = [build_prompt(tok, prefix, suffix, budget=1000, line=typed).tokens for typed in ("", "x", "x = 1")]
     head = prompts[0][:-1]  # all but <fim_middle>
     assert len(prompts[0]) <= 1000 and all(p[: len(head)] == head for p in prompts[1:])
+
+
+def test_a_long_prompt_carries_a_short_one_from_the_lines_around_the_cursor():
+    prefix = "".join(f"prefix line {i}\n" for i in range(300))
+    suffix = "".join(f"suffix line {i}\n" for i in range(300))
+    task = tasks.fim(tok, 4096, prefix, suffix, line="    x", max_tokens=16, short_tokens=100)
+    short = task.short
+    assert len(task.prompt) > 3000 and short.short_context and short.truncated and len(short.prompt) <= 100
+    text = "".join(chr(t - 100) for t in short.prompt if t >= 100)
+    assert text.startswith("suffix line 0\n") and text.endswith("prefix line 299\n    x")  # nearest the cursor
+    assert not short.rules.multiline and "short context" in short.notes[0]
+    assert tasks.fim(tok, 4096, "a", "b", short_tokens=60).short is None  # short enough already
 
 
 def test_short_prefix_leaves_room_to_the_suffix():
