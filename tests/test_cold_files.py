@@ -121,14 +121,7 @@ def test_idle_engine_writes_its_caches_to_disk(model, files, tmp_path, monkeypat
     with Engine(model, n_ctx=N_CTX, parallel=1, threads=2, cache=cache) as engine:
         engine.start(warmup=False)
         engine.run(Task(files[0], 8))
-        for _ in range(200):
-            if list((tmp_path / model.path.name).glob("*.kv")):
-                break
-            import time
-
-            time.sleep(0.02)
-        else:
-            raise AssertionError("the idle engine did not write its cache")
+        until(lambda: list((tmp_path / model.path.name).glob("*.kv")), timeout=10)  # written while it idles
 
 
 def saved_file(model, files, tmp_path):

@@ -1,0 +1,152 @@
+"""A local completion server IDE plugins use unmodified.
+
+- `POST /infill`: llama.cpp llama-server's endpoint (llama.vim, llama.vscode);
+- `POST /v1/completions` (a `suffix` makes it FIM) and `POST /v1/chat/completions`: OpenAI's shape;
+- `GET /v1/models`, `GET /health`.
+
+HTTP only: a route validates the request, builds a `Task` (tokenizing off the event loop), submits
+it to the engine and returns or streams what comes back; a client that goes away cancels its task.
+Scheduling, the KV cache and prompts live in `engine`, `runtime` and `tasks`. Library errors map
+to HTTP status by type: a full queue is 503, a client's bad input 400, llama.cpp's failure 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import socket
+from pathlib import Path
+from typing import Callable
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..engine import Engine
+from ..errors import RefactGGUFError
+from . import llama_api, openai_api
+from .common import Limits, Service, error_body, error_status
+
+__all__ = ["Limits", "Service", "create_app", "serve"]
+
+
+async def _library_error(request, e: RefactGGUFError):
+    status, kind = error_status(e)
+    return error_body(status, str(e), kind)
+
+
+async def _validation_error(request, e: RequestValidationError):
+    first = e.errors()[0] if e.errors() else {}
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    return error_body(400, f"invalid request: {where}: {first.get('msg', 'bad value')}" if where else "invalid request body",
+                      "invalid_request_error")
+
+
+async def _http_error(request, e: StarletteHTTPException):
+    return error_body(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else "invalid_request_error")
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, limits: Limits = Limits(),
+               cors_origins: list[str] | None = None) -> FastAPI:
+    """The ASGI app over a started engine."""
+    app = FastAPI(title="refact-gguf", version=__version__)
+    app.state.service = Service(engine, model_name, limits)
+    for api in (llama_api, openai_api):
+        app.include_router(api.router)
+    app.add_exception_handler(RefactGGUFError, _library_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(_Guard, api_key=api_key, max_body=limits.max_body_bytes, body_timeout=limits.body_timeout_s)
+    if cors_origins:  # added last, so outermost: a browser's preflight passes before the key check
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+    return app
+
+
+class _Guard:
+    """API key and body size, checked before anything is read, and the body's size and pace while
+    it is read (a chunked body has no Content-Length; a stalled one would hold its connection). A
+    plain ASGI middleware: Starlette's BaseHTTPMiddleware would tell a streaming response that its
+    client had disconnected."""
+
+    def __init__(self, app, api_key: str | None, max_body: int, body_timeout: float):
+        self.app, self.api_key, self.max_body, self.body_timeout = app, api_key, max_body, body_timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            response = None
+            if self.api_key is not None and scope["path"] != "/health":
+                given = headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                    response = error_body(401, "invalid or missing API key", "authentication_error")
+            length = headers.get("content-length")
+            if response is None and length is not None and (not length.isdigit() or int(length) > self.max_body):
+                response = error_body(413, f"request body over {self.max_body} bytes", "invalid_request_error")
+            if response is not None:
+                return await response(scope, receive, send)
+            receive = self._bounded(receive)
+        await self.app(scope, receive, send)
+
+    def _bounded(self, receive):
+        """`receive` that refuses a body past `max_body` (413) or stalled for `body_timeout` (408).
+        HTTPExceptions, so FastAPI's body reading passes them on as they are."""
+        received, reading = 0, True
+
+        async def bounded():
+            nonlocal received, reading
+            if not reading:  # the body is in: what follows is a disconnect, whenever it comes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise StarletteHTTPException(408, f"the request body stalled for {self.body_timeout:g} s") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                reading = message.get("more_body", False)
+                if received > self.max_body:
+                    raise StarletteHTTPException(413, f"request body over {self.max_body} bytes")
+            return message
+
+        return bounded
+
+
+def serve(model_path, host: str = "127.0.0.1", port: int = 8012, api_key: str | None = None, parallel: int = 1,
+          n_ctx: int = 4096, threads: int | None = None, gpu_layers: str | int = 0, limits: Limits = Limits(),
+          cors_origins: list[str] | None = None, cache_mb: int | None = None, cache_disk_mb: int = 2048,
+          cache_dir: Path | None = None, on_ready: Callable[[str], None] = lambda url: None) -> None:
+    """Load the model once, start an engine of `parallel` sequences on it, and serve until
+    interrupted. Files' KV caches are kept in `cache_mb` of memory (default: from free RAM) and
+    `cache_disk_mb` under `cache_dir` (default: the user's cache directory; 0 MB: none)."""
+    import uvicorn
+
+    from ..llama import Model
+    from ..prompt_cache import PromptCache, default_directory, default_memory_mb, model_fingerprint
+    from ..select import gpu_layers as resolve_gpu_layers
+
+    sock = _listen(host, port)  # before the model loads: a port in use is a one-line error at once
+    cache_mb = default_memory_mb() if cache_mb is None else cache_mb
+    cache = PromptCache(cache_mb << 20, model_fingerprint(model_path), cache_dir or default_directory(),
+                        cache_disk_mb << 20, model_path.name) if cache_mb or cache_disk_mb else None
+    with sock, Model(model_path, resolve_gpu_layers(gpu_layers, model_path)) as model, \
+            Engine(model, n_ctx=n_ctx, parallel=parallel, threads=threads, max_queue=limits.max_queue,
+                   cache=cache).start() as engine:
+        app = create_app(engine, model_path.name, api_key, limits, cors_origins)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        on_ready(f"http://{host}:{port}")
+        server.run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise RefactGGUFError(f"cannot listen on {host}:{port}: {e.strerror}",
+                              "choose another --port, or stop what is serving there") from None
+    return sock

@@ -1,0 +1,134 @@
+"""What every API's routes share: the service they serve with, the bridge from the event loop
+to the engine (submit, wait or stream, cancel when the client goes away), and errors by type."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from ..engine import Engine, Handle
+from ..errors import BusyError, InputError, RefactGGUFError
+from ..tasks import Completion, Task
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 8 << 20
+    max_predict: int = 1024
+    max_queue: int = 16
+    body_timeout_s: float = 30.0  # a request body that stops arriving frees its connection after this
+    prompt_budget_ms: int = 1000  # for /infill clients that send no t_max_prompt_ms (0: always the full prompt)
+
+
+@dataclass(frozen=True)
+class Service:
+    """What the routes serve with (kept on `app.state.service`)."""
+
+    engine: Engine
+    model_name: str
+    limits: Limits
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.engine.model.tokenize_cached(text)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")  # accept and ignore what we do not implement
+
+
+def error_body(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": status, "message": message, "type": kind}}, status_code=status)
+
+
+def error_status(e: RefactGGUFError) -> tuple[int, str]:
+    """HTTP status and OpenAI error type of a library error, by its type."""
+    if isinstance(e, BusyError):
+        return 503, "unavailable_error"
+    if isinstance(e, InputError):
+        return 400, "invalid_request_error"
+    return 500, "server_error"  # llama.cpp's own failure, or ours: never the client's fault
+
+
+class _Submitted:
+    """A task on the engine, seen from the event loop: its text pieces and its end, as a queue."""
+
+    _END = object()
+
+    def __init__(self, engine: Engine, task: Task, stream: bool):
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        put = self.queue.put_nowait
+        self.handle: Handle = engine.submit(
+            task,
+            on_text=(lambda text: loop.call_soon_threadsafe(put, text)) if stream else None,
+            on_done=lambda h: loop.call_soon_threadsafe(put, self._END),
+        )
+
+    async def pieces(self) -> AsyncIterator[str]:
+        while (item := await self.queue.get()) is not self._END:
+            yield item
+
+    def result(self) -> Completion:
+        return self.handle.wait(0)
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def complete(request: Request, build: Callable[[], Task]) -> Completion:
+    """Build the task off the loop, run it, cancel it if the client goes away first."""
+    service: Service = request.app.state.service
+    task = await asyncio.to_thread(build)
+    submitted = _Submitted(service.engine, task, stream=False)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    drain = asyncio.ensure_future(submitted.queue.get())
+    try:
+        await asyncio.wait({drain, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not drain.done():
+            submitted.handle.cancel()
+            await drain
+    finally:
+        watcher.cancel()
+    return submitted.result()
+
+
+async def stream(request: Request, build: Callable[[], Task], chunk: Callable[[str], dict],
+                 final: Callable[[Completion], list[dict]], done_marker: bool) -> StreamingResponse:
+    """Server-sent events: a chunk per piece of final text, then the closing event(s). A client
+    that goes away makes Starlette close the generator; `finally` cancels the task."""
+    service: Service = request.app.state.service
+    task = await asyncio.to_thread(build)
+    submitted = _Submitted(service.engine, task, stream=True)  # queue full: 503 before the stream opens
+
+    async def events():
+        try:
+            async for text in submitted.pieces():
+                yield f"data: {json.dumps(chunk(text))}\n\n"
+            try:
+                completion = submitted.result()
+            except RefactGGUFError as e:
+                status, kind = error_status(e)
+                yield f"data: {json.dumps({'error': {'code': status, 'message': str(e), 'type': kind}})}\n\n"
+                return
+            for event in final(completion):
+                yield f"data: {json.dumps(event)}\n\n"
+            if done_marker:
+                yield "data: [DONE]\n\n"
+        finally:
+            submitted.handle.cancel()  # a no-op once it has finished
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def check_predict(service: Service, n: int) -> int:
+    if n > service.limits.max_predict:
+        raise InputError(f"n_predict/max_tokens {n} is over this server's limit of {service.limits.max_predict}")
+    return n

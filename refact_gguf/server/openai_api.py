@@ -1,0 +1,129 @@
+"""OpenAI's API: `GET /v1/models`, `POST /v1/completions` (a `suffix` makes it fill-in-the-middle)
+and `POST /v1/chat/completions`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from pydantic import Field
+
+from .. import tasks
+from ..chat import Message
+from ..errors import InputError
+from ..tasks import Completion, Sampling, Task
+from .common import Service, _Body, check_predict, complete, stream
+
+router = APIRouter()
+
+
+class _OpenAIRequest(_Body):
+    """The fields OpenAI's completion and chat requests share."""
+
+    model: str | None = None
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[str] = ""
+    suffix: str | None = None
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.2, ge=0.0, le=5.0)
+
+
+def usage(c: Completion) -> dict[str, int]:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.tokens_predicted,
+            "total_tokens": c.prompt_tokens + c.tokens_predicted}
+
+
+def finish_reason(c: Completion) -> str:
+    return "length" if c.stop_reason == "max_tokens" else "stop"
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    name = request.app.state.service.model_name
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "refact-gguf"}]}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    service: Service = request.app.state.service
+    if isinstance(body.prompt, list):
+        if len(body.prompt) != 1:
+            raise InputError("prompt: exactly one prompt per request")
+        text = body.prompt[0]
+    else:
+        text = body.prompt
+    if body.suffix is None and not text:
+        raise InputError("prompt: empty (give a prompt, or a suffix for fill-in-the-middle)")
+    max_tokens = check_predict(service, body.max_tokens)
+    sampling = Sampling(body.temperature, 40, body.top_p, body.seed)
+
+    def build() -> Task:
+        if body.suffix is not None:
+            return tasks.fim(service.tokenize, service.engine.n_ctx, text, body.suffix, max_tokens=max_tokens,
+                             sampling=sampling, stop=body.stops())
+        return tasks.complete(service.tokenize, service.engine.n_ctx, text, max_tokens=max_tokens, sampling=sampling,
+                              stop=body.stops())
+
+    rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def envelope(choice: dict, extra: dict | None = None) -> dict:
+        return {"id": rid, "object": "text_completion", "created": created, "model": service.model_name,
+                "choices": [choice], **(extra or {})}
+
+    if body.stream:
+        return await stream(
+            request, build, lambda t: envelope({"text": t, "index": 0, "logprobs": None, "finish_reason": None}),
+            lambda c: [envelope({"text": "", "index": 0, "logprobs": None, "finish_reason": finish_reason(c)}, {"usage": usage(c)})],
+            done_marker=True)
+    c = await complete(request, build)
+    return envelope({"text": c.text, "index": 0, "logprobs": None, "finish_reason": finish_reason(c)}, {"usage": usage(c)})
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request):
+    service: Service = request.app.state.service
+    max_tokens = check_predict(service, body.max_tokens or min(512, service.limits.max_predict))
+    messages = [Message(m.role, m.content) for m in body.messages]
+    sampling = Sampling(body.temperature, 40, body.top_p, body.seed)
+
+    def build() -> Task:
+        return tasks.chat(service.tokenize, service.engine.n_ctx, messages, max_tokens=max_tokens, sampling=sampling,
+                          stop=body.stops())
+
+    rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def envelope(choice: dict, kind: str, extra: dict | None = None) -> dict:
+        return {"id": rid, "object": kind, "created": created, "model": service.model_name, "choices": [choice], **(extra or {})}
+
+    if body.stream:
+        return await stream(
+            request, build,
+            lambda t: envelope({"index": 0, "delta": {"role": "assistant", "content": t}, "finish_reason": None}, "chat.completion.chunk"),
+            lambda c: [envelope({"index": 0, "delta": {}, "finish_reason": finish_reason(c)}, "chat.completion.chunk", {"usage": usage(c)})],
+            done_marker=True)
+    c = await complete(request, build)
+    return envelope({"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": finish_reason(c)},
+                    "chat.completion", {"usage": usage(c)})
