@@ -15,7 +15,7 @@ from typing import Callable
 from . import chat as chat_prompt
 from . import fim as fim_prompt
 from .errors import InputError
-from .tokens import EMPTY_OUTPUT_ID
+from .tokens import EMPTY_OUTPUT_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
 Tokenize = Callable[[str], list[int]]
 
@@ -203,9 +203,12 @@ def fim(tokenize: Tokenize, n_ctx: int, prefix: str, suffix: str = "", *, order:
 
 
 def complete(tokenize: Tokenize, n_ctx: int, text: str, *, max_tokens: int = 128, sampling: Sampling = Sampling(),
-             stop: tuple[str, ...] = ()) -> Task:
-    """Plain continuation of `text` (no BOS)."""
-    ids = tokenize(text)
+             stop: tuple[str, ...] = (), specials: Tokenize | None = None) -> Task:
+    """Plain continuation of `text` (no BOS). A prompt a client laid out with Refact's FIM markers
+    (PSM or SPM) is fill-in-the-middle: with `specials` (a tokenizer that parses special tokens),
+    its markers become the special tokens, not text."""
+    uses_markers = specials is not None and any(m in text for m in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE))
+    ids = specials(text) if uses_markers else tokenize(text)
     if len(ids) > n_ctx - 1:
         raise InputError(f"the prompt has {len(ids)} tokens; the context holds {n_ctx}", "raise --ctx")
     return Task(ids, max_tokens, sampling, StopRules(stop))

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +16,9 @@ from refact_gguf import tasks
 from refact_gguf.engine import Engine
 from refact_gguf.llama import Model
 from refact_gguf.prompt_cache import PromptCache
-from refact_gguf.server import Limits, create_app
+from refact_gguf.server import Limits
+
+from .serving import running
 
 PREFIX = "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n"
 SUFFIX = "\n    return result\n\n\nprint(list_python_files('.'))\n"
@@ -46,30 +45,6 @@ class SlowPromptsCached(Engine):
 
     def __init__(self, model, **options):
         super().__init__(model, cache=PromptCache(64 << 20), **options)
-
-
-@contextmanager
-def running(q4_model, parallel=2, api_key=None, limits=Limits(max_predict=64), engine=Engine, cors_origins=None):
-    model = Model(q4_model)
-    eng = engine(model, n_ctx=1024, parallel=parallel, threads=1, max_queue=limits.max_queue).start()
-    app = create_app(eng, q4_model.name, api_key, limits, cors_origins)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        eng.close()
-        model.close()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,9 @@
 
 - `POST /infill`: llama.cpp llama-server's endpoint (llama.vim, llama.vscode);
 - `POST /v1/completions` (a `suffix` makes it FIM) and `POST /v1/chat/completions`: OpenAI's shape;
-- `GET /v1/models`, `GET /health`.
+- `GET /v1/models`, `GET /health`;
+- Ollama's `/api/generate` (with `suffix`: FIM), `/api/chat`, `/api/tags`, `/api/show`, `/api/ps`,
+  `/api/version` (Continue, twinny).
 
 HTTP only: a route validates the request, builds a `Task` (tokenizing off the event loop), submits
 it to the engine and returns or streams what comes back; a client that goes away cancels its task.
@@ -25,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..engine import Engine
 from ..errors import RefactGGUFError
-from . import llama_api, openai_api
+from . import llama_api, ollama_api, openai_api
 from .common import Limits, Service, error_body, error_status
 
 __all__ = ["Limits", "Service", "create_app", "serve"]
@@ -52,7 +54,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
     """The ASGI app over a started engine."""
     app = FastAPI(title="refact-gguf", version=__version__)
     app.state.service = Service(engine, model_name, limits)
-    for api in (llama_api, openai_api):
+    for api in (llama_api, openai_api, ollama_api):
         app.include_router(api.router)
     app.add_exception_handler(RefactGGUFError, _library_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -37,6 +37,10 @@ class Service:
     def tokenize(self, text: str) -> list[int]:
         return self.engine.model.tokenize_cached(text)
 
+    def tokenize_special(self, text: str) -> list[int]:
+        """Special tokens parsed: for prompts a client laid out itself (its own FIM markers)."""
+        return self.engine.model.tokenize(text, special=True)
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")  # accept and ignore what we do not implement
@@ -101,31 +105,36 @@ async def complete(request: Request, build: Callable[[], Task]) -> Completion:
 
 
 async def stream(request: Request, build: Callable[[], Task], chunk: Callable[[str], dict],
-                 final: Callable[[Completion], list[dict]], done_marker: bool) -> StreamingResponse:
-    """Server-sent events: a chunk per piece of final text, then the closing event(s). A client
-    that goes away makes Starlette close the generator; `finally` cancels the task."""
+                 final: Callable[[Completion], list[dict]], done_marker: bool = False,
+                 ndjson: bool = False) -> StreamingResponse:
+    """Server-sent events (or, `ndjson`, a JSON object a line, as Ollama streams): a chunk per
+    piece of final text, then the closing event(s). A client that goes away makes Starlette close
+    the generator; `finally` cancels the task."""
     service: Service = request.app.state.service
     task = await asyncio.to_thread(build)
     submitted = _Submitted(service.engine, task, stream=True)  # queue full: 503 before the stream opens
 
+    def frame(event: dict) -> str:
+        return json.dumps(event) + "\n" if ndjson else f"data: {json.dumps(event)}\n\n"
+
     async def events():
         try:
             async for text in submitted.pieces():
-                yield f"data: {json.dumps(chunk(text))}\n\n"
+                yield frame(chunk(text))
             try:
                 completion = submitted.result()
             except RefactGGUFError as e:
                 status, kind = error_status(e)
-                yield f"data: {json.dumps({'error': {'code': status, 'message': str(e), 'type': kind}})}\n\n"
+                yield frame({"error": str(e)} if ndjson else {"error": {"code": status, "message": str(e), "type": kind}})
                 return
             for event in final(completion):
-                yield f"data: {json.dumps(event)}\n\n"
+                yield frame(event)
             if done_marker:
                 yield "data: [DONE]\n\n"
         finally:
             submitted.handle.cancel()  # a no-op once it has finished
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(events(), media_type="application/x-ndjson" if ndjson else "text/event-stream")
 
 
 def check_predict(service: Service, n: int) -> int:

@@ -85,7 +85,7 @@ async def completions(body: CompletionRequest, request: Request):
             return tasks.fim(service.tokenize, service.engine.n_ctx, text, body.suffix, max_tokens=max_tokens,
                              sampling=sampling, stop=body.stops())
         return tasks.complete(service.tokenize, service.engine.n_ctx, text, max_tokens=max_tokens, sampling=sampling,
-                              stop=body.stops())
+                              stop=body.stops(), specials=service.tokenize_special)
 
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 

@@ -1,0 +1,38 @@
+"""A real server on 127.0.0.1 over the synthetic model, for the tests of every API."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import uvicorn
+
+from refact_gguf.engine import Engine
+from refact_gguf.llama import Model
+from refact_gguf.server import Limits, create_app
+
+
+@contextmanager
+def running(q4_model, parallel=2, api_key=None, limits=Limits(max_predict=64), engine=Engine, cors_origins=None):
+    model = Model(q4_model)
+    eng = engine(model, n_ctx=1024, parallel=parallel, threads=1, max_queue=limits.max_queue).start()
+    app = create_app(eng, q4_model.name, api_key, limits, cors_origins)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        eng.close()
+        model.close()
