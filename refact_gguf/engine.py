@@ -17,6 +17,7 @@ disk are written there, so they survive a restart.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import deque
@@ -36,6 +37,7 @@ DRIBBLE = 32  # prompts up to this many new tokens are fed one token a step when
 SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk
 BACKGROUND_STEP_S = 2.0  # a step of background prefill lasts about this long (a request arriving stops it at once)
 MAX_BACKGROUND = 8  # files whose full prompt waits to be evaluated in the background
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds, for /metrics
 SHORT_SHARE = 0.6  # of a prompt budget, what a short prompt may take (the rest: slack, and the first tokens)
 
 
@@ -100,6 +102,8 @@ class Stats:
     short_answers: int = 0  # requests answered from the lines around the cursor, their full prompt being late
     background_tokens: int = 0  # prompt tokens evaluated in the background
     background_stopped: int = 0  # background steps given up for a person's request
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))  # per bucket, +Inf last
+    latency_sum_s: float = 0.0
     started: float = field(default_factory=time.time)
 
 
@@ -175,6 +179,12 @@ class Engine:
         if self.prompt_rate is None or self.cache is None:  # no cache: the full prompt's progress would be lost
             return None
         return max(16, int(self.prompt_rate * budget_s * SHORT_SHARE))
+
+    def slots_state(self) -> list[dict]:
+        """Each slot as llama-server's /slots shows it (read without a lock: a snapshot for people)."""
+        background = {slot for slot, handle in self._active.items() if handle.background}
+        return [{"id": s.seq, "n_ctx": self.n_ctx, "is_processing": s.busy, "background": s in background,
+                 "n_cached": s.n_cached} for s in self.slots]
 
     def load(self) -> dict:
         """How busy it is now: slots busy, tasks waiting, prompts waiting for background work."""
@@ -375,8 +385,13 @@ class Engine:
 
     def _done(self, slot: Slot, completion: Completion) -> None:
         handle = self._active.pop(slot)
-        self.stats.tokens_evaluated += completion.tokens_evaluated
-        self.stats.tokens_predicted += completion.tokens_predicted
+        stats = self.stats
+        stats.tokens_evaluated += completion.tokens_evaluated
+        stats.tokens_predicted += completion.tokens_predicted
+        if not handle.background:
+            seconds = (completion.prompt_ms + completion.predicted_ms) / 1e3
+            stats.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            stats.latency_sum_s += seconds
         handle._finish(completion)
 
     def step(self) -> None:

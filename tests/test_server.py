@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -94,7 +95,6 @@ def test_infill_stream(url):
 
 
 def test_openai_client_completions_and_chat(url):
-    openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
     fim = client.completions.create(model="refact", prompt=PREFIX, suffix=SUFFIX, max_tokens=8)
     assert fim.choices[0].finish_reason in ("stop", "length") and fim.usage.completion_tokens <= 8
@@ -301,3 +301,51 @@ def test_a_cold_file_is_answered_from_the_lines_around_the_cursor_and_says_so(q4
             time.sleep(0.05)
         again = httpx.post(f"{u}/infill", json={**body, "prompt": "x"}, timeout=60).json()
         assert not again["short_context"] and again["tokens_cached"] > 300 and again["timings"]["prompt_n"] < 10
+
+
+def test_llama_server_endpoints_tools_call(url):
+    c = httpx.post(f"{url}/completion", json={"prompt": "def f():", "n_predict": 4}, timeout=60).json()
+    assert c["tokens_predicted"] <= 4 and isinstance(c["content"], str) and c["timings"]["predicted_n"] == c["tokens_predicted"]
+    ids = httpx.post(f"{url}/tokenize", json={"content": "<fim_prefix>x = 1"}).json()["tokens"]
+    assert ids[0] == 1  # special tokens parsed, as llama-server does
+    assert httpx.post(f"{url}/tokenize", json={"content": "<fim_prefix>x = 1", "parse_special": False}).json()["tokens"][0] != 1
+    assert httpx.post(f"{url}/detokenize", json={"tokens": ids}).json()["content"] == "<fim_prefix>x = 1"
+    by_ids = httpx.post(f"{url}/completion", json={"prompt": ids, "n_predict": 2}, timeout=60).json()
+    assert by_ids["tokens_evaluated"] == len(ids)
+    bad = httpx.post(f"{url}/completion", json={"prompt": [10**7], "n_predict": 2})
+    assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
+    props = httpx.get(f"{url}/props").json()
+    assert props["total_slots"] == 2 and props["default_generation_settings"]["n_ctx"] == 1024
+    slots = httpx.get(f"{url}/slots").json()
+    assert [s["id"] for s in slots] == [0, 1] and all(not s["is_processing"] for s in slots)
+    assert httpx.head(f"{url}/health").status_code == 200
+
+
+def test_metrics_are_prometheus_text_that_counts(url):
+    def value(text: str, name: str) -> float:
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+    before = httpx.get(f"{url}/metrics").text
+    httpx.post(f"{url}/completion", json={"prompt": "x = ", "n_predict": 2}, timeout=60)
+    after = httpx.get(f"{url}/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    assert value(after.text, "refact_gguf_requests_total") == value(before, "refact_gguf_requests_total") + 1
+    assert value(after.text, "refact_gguf_request_seconds_count") == value(before, "refact_gguf_request_seconds_count") + 1
+    assert '# TYPE refact_gguf_request_seconds histogram' in after.text and 'le="+Inf"' in after.text
+
+
+def test_openai_details_clients_send(url):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+    chat = client.chat.completions.create(
+        model="refact", max_completion_tokens=5, temperature=0,
+        messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    assert 1 <= chat.usage.completion_tokens <= 5
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "def f():", "max_completion_tokens": 3}, timeout=60).json()
+    assert r["usage"]["completion_tokens"] <= 3
+    vscode = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={  # llama.vscode's chat request
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1, "samplers": "edkypmxt", "stream": False})
+    assert vscode.status_code == 200
+    for field, body in [("n", {"prompt": "x", "n": 2}), ("echo", {"prompt": "x", "echo": True}),
+                        ("logprobs", {"prompt": "x", "logprobs": 2})]:
+        refused = httpx.post(f"{url}/v1/completions", json=body)
+        assert refused.status_code == 400 and field in refused.json()["error"]["message"], refused.text

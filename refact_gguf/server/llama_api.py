@@ -1,16 +1,23 @@
-"""llama.cpp llama-server's API: `POST /infill` (llama.vim, llama.vscode) and `GET /health`."""
+"""llama.cpp llama-server's API: `POST /infill` (llama.vim, llama.vscode), `POST /completion`,
+`POST /tokenize`, `POST /detokenize`, `GET /props`, `GET /slots`, `GET /metrics` (Prometheus
+text) and `GET|HEAD /health`."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import asdict
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
 from pydantic import Field
 
-from .. import tasks
-from ..tasks import Completion, Sampling, Task
+from .. import __version__, tasks
+from ..engine import LATENCY_BUCKETS
+from ..errors import InputError
+from ..tasks import Completion, Sampling, StopRules, Task
+from ..tokens import CHAT_TEMPLATE
 from .common import Service, _Body, check_predict, complete, stream
 
 # llama-server separates input_extra chunks this way when the vocab has no FIM_SEP token.
@@ -24,13 +31,10 @@ class ExtraChunk(_Body):
     text: str = ""
 
 
-class InfillRequest(_Body):
-    input_prefix: str = ""
-    input_suffix: str = ""
-    input_extra: list[ExtraChunk] = Field(default_factory=list)
-    prompt: str = ""  # text typed on the cursor's line, before the cursor
+class _Generation(_Body):
+    """What llama-server's /infill and /completion share."""
+
     n_predict: int = Field(default=-1, ge=-1)
-    n_indent: int = Field(default=0, ge=0)
     t_max_prompt_ms: int = Field(default=-1, ge=-1)
     t_max_predict_ms: int = Field(default=-1, ge=-1)
     cache_prompt: bool = True
@@ -40,7 +44,41 @@ class InfillRequest(_Body):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     stream: bool = False
     stop: list[str] = Field(default_factory=list)
+
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
+
+    def limit(self, task: Task, start: float) -> Task:
+        """The request's cache and time limits on `task` (and on its short version)."""
+        task.reuse_cache = self.cache_prompt
+        for t in (task, task.short):
+            if t is not None:
+                t.prompt_deadline = start + self.t_max_prompt_ms / 1e3 if self.t_max_prompt_ms > 0 else None
+                t.deadline = start + self.t_max_predict_ms / 1e3 if self.t_max_predict_ms > 0 else None
+        return task
+
+
+class InfillRequest(_Generation):
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[ExtraChunk] = Field(default_factory=list)
+    prompt: str = ""  # text typed on the cursor's line, before the cursor
+    n_indent: int = Field(default=0, ge=0)
     fim_order: Literal["spm", "psm"] = "spm"
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[int]  # special tokens in a string are parsed, as llama-server does
+
+
+class TokenizeRequest(_Body):
+    content: str
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Body):
+    tokens: list[int]
 
 
 def timings(c: Completion) -> dict[str, Any]:
@@ -66,7 +104,7 @@ def infill_result(c: Completion, model_name: str, content: str | None = None) ->
     }
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request):
     engine = request.app.state.service.engine
     cache = engine.cache
@@ -92,19 +130,100 @@ async def infill(body: InfillRequest, request: Request):
             extra += service.tokenize(SNIPPET_SEPARATOR + c.text)
         task = tasks.fim(
             service.tokenize, service.engine.n_ctx, body.input_prefix, body.input_suffix, order=body.fim_order,
-            max_tokens=n_predict, sampling=Sampling(body.temperature, body.top_k, body.top_p, body.seed),
-            line=body.prompt, extra=extra, indent=body.n_indent or None, stop=tuple(body.stop),
-            short_tokens=short_tokens,
+            max_tokens=n_predict, sampling=body.sampling(), line=body.prompt, extra=extra,
+            indent=body.n_indent or None, stop=tuple(body.stop), short_tokens=short_tokens,
         )
-        task.reuse_cache = body.cache_prompt
         task.prompt_budget = start + budget_ms / 1e3 if short_tokens is not None else None
-        for t in (task, task.short):
-            if t is not None:
-                t.prompt_deadline = start + body.t_max_prompt_ms / 1e3 if body.t_max_prompt_ms > 0 else None
-                t.deadline = start + body.t_max_predict_ms / 1e3 if body.t_max_predict_ms > 0 else None
-        return task
+        return body.limit(task, start)
 
     if body.stream:
         return await stream(request, build, lambda text: {"content": text, "stop": False},
                             lambda c: [infill_result(c, service.model_name, content="")], done_marker=False)
     return infill_result(await complete(request, build), service.model_name)
+
+
+@router.post("/completion")
+async def completion(body: CompletionRequest, request: Request):
+    service: Service = request.app.state.service
+    n_predict = check_predict(service, body.n_predict if body.n_predict >= 0 else 128)
+    start = time.perf_counter()
+
+    def build() -> Task:
+        if isinstance(body.prompt, list):
+            bad = [t for t in body.prompt if not 0 <= t < service.engine.model.n_vocab]
+            if bad:
+                raise InputError(f"prompt: token id {bad[0]} is not in the vocabulary of {service.engine.model.n_vocab}")
+            if len(body.prompt) >= service.engine.n_ctx:
+                raise InputError(f"the prompt has {len(body.prompt)} tokens; the context holds {service.engine.n_ctx}")
+            task = Task(list(body.prompt), n_predict, body.sampling(), StopRules(tuple(body.stop)))
+        else:
+            task = tasks.complete(service.tokenize_special, service.engine.n_ctx, body.prompt, max_tokens=n_predict,
+                                  sampling=body.sampling(), stop=tuple(body.stop))
+        return body.limit(task, start)
+
+    if body.stream:
+        return await stream(request, build, lambda text: {"content": text, "stop": False},
+                            lambda c: [infill_result(c, service.model_name, content="")])
+    return infill_result(await complete(request, build), service.model_name)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request):
+    model = request.app.state.service.engine.model
+    ids = await asyncio.to_thread(model.tokenize, body.content, body.parse_special)
+    if body.with_pieces:
+        return {"tokens": [{"id": t, "piece": model.piece(t, special=True).decode("utf-8", errors="replace")} for t in ids]}
+    return {"tokens": ids}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request):
+    model = request.app.state.service.engine.model
+    if any(not 0 <= t < model.n_vocab for t in body.tokens):
+        raise InputError(f"tokens: ids must be in [0, {model.n_vocab})")
+    return {"content": model.detokenize(body.tokens, special=True)}
+
+
+@router.get("/props")
+async def props(request: Request):
+    service: Service = request.app.state.service
+    engine = service.engine
+    return {
+        "default_generation_settings": {"n_ctx": engine.n_ctx, "model": service.model_name,
+                                        "params": {"n_predict": -1, "temperature": 0.0, "top_k": 40, "top_p": 0.95}},
+        "total_slots": len(engine.slots), "model_path": str(engine.model.path), "chat_template": CHAT_TEMPLATE,
+        "build_info": f"refact-gguf {__version__}",
+    }
+
+
+@router.get("/slots")
+async def slots(request: Request):
+    return request.app.state.service.engine.slots_state()
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    engine = request.app.state.service.engine
+    stats, load = engine.stats, engine.load()
+    lines = []
+
+    def metric(name: str, kind: str, help: str, value) -> None:
+        lines.extend([f"# HELP refact_gguf_{name} {help}", f"# TYPE refact_gguf_{name} {kind}", f"refact_gguf_{name} {value}"])
+
+    metric("requests_total", "counter", "Requests submitted to the engine.", stats.requests)
+    metric("errors_total", "counter", "Requests that ended in an error.", stats.errors)
+    metric("prompt_tokens_total", "counter", "Prompt tokens evaluated (cached ones not).", stats.tokens_evaluated)
+    metric("tokens_predicted_total", "counter", "Tokens generated.", stats.tokens_predicted)
+    metric("short_answers_total", "counter", "Requests answered from the lines around the cursor.", stats.short_answers)
+    metric("background_tokens_total", "counter", "Prompt tokens evaluated in the background.", stats.background_tokens)
+    metric("requests_waiting", "gauge", "Requests waiting for a slot.", load["waiting"])
+    metric("slots_busy", "gauge", "Slots running a request or background work.", load["busy"])
+    metric("slots", "gauge", "Slots (sequences) of the engine.", load["slots"])
+    lines += ["# HELP refact_gguf_request_seconds Time from a request's start in a slot to its end.",
+              "# TYPE refact_gguf_request_seconds histogram"]
+    total = 0
+    for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), stats.latency_counts):
+        total += count
+        lines.append(f'refact_gguf_request_seconds_bucket{{le="{bound}"}} {total}')
+    lines += [f"refact_gguf_request_seconds_sum {stats.latency_sum_s:.6f}", f"refact_gguf_request_seconds_count {total}"]
+    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

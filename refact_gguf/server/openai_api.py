@@ -29,26 +29,50 @@ class _OpenAIRequest(_Body):
     n: int = Field(default=1, ge=1, le=1)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
+    # None or -1 (llama.vscode): as many as the server allows; `max_completion_tokens` is the newer name
+    max_tokens: int | None = Field(default=None, ge=-1)
+    max_completion_tokens: int | None = Field(default=None, ge=-1)
+
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def limit(self, service: Service, default: int) -> int:
+        """The tokens to generate: what the request asks (0 is refused), else `default`."""
+        asked = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if asked == 0:
+            raise InputError("max_tokens: must be at least 1 (or -1 for as many as the server allows)")
+        if asked is None:
+            return check_predict(service, default)
+        return service.limits.max_predict if asked < 0 else check_predict(service, asked)
 
 
 class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str] = ""
     suffix: str | None = None
-    max_tokens: int = Field(default=16, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=5.0)
+    echo: bool = False
+    logprobs: int | None = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = ""
+
+    def message(self) -> Message:
+        """`developer` is the newer name of `system`; text parts are joined."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return Message("system" if self.role == "developer" else self.role, text)
 
 
 class ChatRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.2, ge=0.0, le=5.0)
+    logprobs: bool = False
 
 
 def usage(c: Completion) -> dict[str, int]:
@@ -77,7 +101,9 @@ async def completions(body: CompletionRequest, request: Request):
         text = body.prompt
     if body.suffix is None and not text:
         raise InputError("prompt: empty (give a prompt, or a suffix for fill-in-the-middle)")
-    max_tokens = check_predict(service, body.max_tokens)
+    if body.echo or body.logprobs:
+        raise InputError(f"{'echo' if body.echo else 'logprobs'}: not supported by this server", "leave it out")
+    max_tokens = body.limit(service, 16)
     sampling = Sampling(body.temperature, 40, body.top_p, body.seed)
 
     def build() -> Task:
@@ -105,8 +131,10 @@ async def completions(body: CompletionRequest, request: Request):
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
     service: Service = request.app.state.service
-    max_tokens = check_predict(service, body.max_tokens or min(512, service.limits.max_predict))
-    messages = [Message(m.role, m.content) for m in body.messages]
+    if body.logprobs:
+        raise InputError("logprobs: not supported by this server", "leave it out")
+    max_tokens = body.limit(service, min(512, service.limits.max_predict))
+    messages = [m.message() for m in body.messages]
     sampling = Sampling(body.temperature, 40, body.top_p, body.seed)
 
     def build() -> Task:
