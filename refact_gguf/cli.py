@@ -356,8 +356,10 @@ def serve(
 ) -> None:
     """Serve completions over HTTP for IDE plugins: llama.cpp's /infill and OpenAI's APIs.
 
-    Endpoints: POST /infill (llama.vim, llama.vscode), POST /v1/completions (a suffix makes it
-    fill-in-the-middle), POST /v1/chat/completions, GET /v1/models, GET /health. The KV cache is
+    Three APIs on one port: llama-server's (/infill for llama.vim and llama.vscode, /completion,
+    /tokenize, /props, /slots, /metrics, /health), OpenAI's (/v1/completions: a suffix makes it
+    fill-in-the-middle; /v1/chat/completions, /v1/models) and Ollama's (/api/generate, /api/chat,
+    /api/tags, /api/show: Continue and twinny with their Ollama provider). The KV cache is
     reused across requests, so each keystroke evaluates only what changed; the caches of the
     files you recently worked in are kept (--cache-mb) and written to disk (--cache-disk-mb), so
     coming back to a file, or restarting the editor, does not start cold.
