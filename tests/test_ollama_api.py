@@ -29,7 +29,9 @@ def test_model_listing_shows_a_fim_template_and_the_quant(client, url):
     assert listed.model.endswith(".gguf") and listed.details.quantization_level == "Q4_K_M" and listed.size > 0
     shown = client.show(listed.model)
     assert "{{ .Suffix }}" in shown.template and "insert" in shown.capabilities  # what Continue checks for FIM
-    assert shown.modelinfo["refact.context_length"] == 1024
+    assert shown.modelinfo["refact.context_length"] == 1024 and shown.parameters == "num_ctx 1024"
+    as_continue_asks = httpx.post(f"{url}/api/show", json={"name": listed.model}).json()  # the older field name
+    assert ".Suffix" in as_continue_asks["template"]
     assert client.ps().models[0].context_length == 1024
     assert httpx.get(f"{url}/api/version").json()["version"]
 

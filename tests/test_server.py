@@ -348,4 +348,4 @@ def test_openai_details_clients_send(url):
     for field, body in [("n", {"prompt": "x", "n": 2}), ("echo", {"prompt": "x", "echo": True}),
                         ("logprobs", {"prompt": "x", "logprobs": 2})]:
         refused = httpx.post(f"{url}/v1/completions", json=body)
-        assert refused.status_code == 400 and field in refused.json()["error"]["message"], refused.text
+        assert refused.status_code == 400 and f"{field}:" in refused.json()["error"]["message"], refused.text

@@ -153,7 +153,8 @@ async def show(body: ShowRequest, request: Request):
     facts = _facts(service)
     return {
         "modelfile": f"FROM {service.engine.model.path}\nTEMPLATE \"\"\"{TEMPLATE}\"\"\"\n",
-        "parameters": "", "template": TEMPLATE, "details": facts["details"], "modified_at": facts["modified_at"],
+        # Continue reads num_ctx from here, a `key value` line each
+        "parameters": f"num_ctx {facts['context_length']}", "template": TEMPLATE, "details": facts["details"], "modified_at": facts["modified_at"],
         "model_info": {"general.architecture": "refact", "general.parameter_count": 1_590_000_000,
                        "refact.context_length": facts["context_length"]},
         "capabilities": ["completion", "insert"],
