@@ -35,7 +35,7 @@ from .tasks import Completion, Task
 
 DRIBBLE = 32  # prompts up to this many new tokens are fed one token a step when the batch is shared
 SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk
-BACKGROUND_STEP_S = 2.0  # a step of background prefill lasts about this long (a request arriving stops it at once)
+BACKGROUND_STEP_S = 1.0  # a step of background prefill lasts about this long (a request arriving stops it, losing it)
 MAX_BACKGROUND = 8  # files whose full prompt waits to be evaluated in the background
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds, for /metrics
 SHORT_SHARE = 0.6  # of a prompt budget, what a short prompt may take (the rest: slack, and the first tokens)
