@@ -41,6 +41,12 @@ class ModelInfo:
     n_ff: int
     n_ctx_train: int
     n_vocab: int
+    cpu_flash_attn: bool
+    cpu_ubatch: int
+
+    def attention(self, gpu: bool) -> tuple[bool | None, int]:
+        """(flash attention: on, off or None for llama.cpp's choice; ubatch size) on a GPU or a CPU."""
+        return (None, 512) if gpu else (self.cpu_flash_attn, self.cpu_ubatch)
 
     @property
     def head_dim(self) -> int:

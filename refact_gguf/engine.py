@@ -426,7 +426,8 @@ class Engine:
             if not slot.generating:
                 more = min(len(slot.todo) - 1, room) if len(busy) == 1 or len(slot.todo) > DRIBBLE else 0
                 if not people:
-                    more = min(more, max(32, int((self.prompt_rate or 0) * BACKGROUND_STEP_S)) - 1)
+                    # one ubatch at most: a step given up keeps the ubatches already done
+                    more = min(more, max(32, int((self.prompt_rate or 0) * BACKGROUND_STEP_S)) - 1, ctx.n_ubatch - 1)
                 chunk[slot] = 1 + more
                 room -= more
         batch.clear()

@@ -16,6 +16,7 @@ from typing import Callable
 import llama_cpp
 import numpy as np
 
+from . import catalog
 from .errors import InputError, LlamaError, ModelFileError
 from .loader import load_model
 
@@ -188,8 +189,11 @@ class Context:
         params.n_ctx = n_ctx * n_seq_max
         params.n_seq_max = n_seq_max
         params.kv_unified = False
+        flash_attn, ubatch = catalog.load().model.attention(gpu=model.n_gpu_layers > 0)  # measured per backend
+        params.flash_attn_type = {None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                  False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
         params.n_batch = n_batch
-        params.n_ubatch = min(n_batch, 512)
+        params.n_ubatch = min(n_batch, ubatch)
         params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
         params.no_perf = False
         self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
@@ -199,6 +203,7 @@ class Context:
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ptr)  # per sequence; llama.cpp pads it to 256
         # llama.cpp caps n_batch at the (padded) context: a larger batch would abort in llama_decode.
         self.n_batch = llama_cpp.llama_n_batch(self.ptr)
+        self.n_ubatch = llama_cpp.llama_n_ubatch(self.ptr)
         self._memory = llama_cpp.llama_get_memory(self.ptr)
         self.batch = Batch(self.n_batch)
         self._all: list[np.ndarray] = []

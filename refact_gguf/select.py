@@ -32,16 +32,18 @@ class Estimate:
         return self.weights + self.kv_cache + self.compute + self.overhead
 
 
-def estimate(quant: Quant | None, n_ctx: int = 4096, n_ubatch: int = 512, flash_attn: bool = True,
+def estimate(quant: Quant | None, n_ctx: int = 4096, gpu: bool = False,
              size_bytes: int | None = None, cat: Catalog | None = None) -> Estimate:
-    """Weights + KV cache + llama.cpp's compute buffer + runtime, in bytes. The weights are the
-    file's size: `size_bytes` when given (a file on disk), else the quant's published size."""
+    """Weights + KV cache + llama.cpp's compute buffer + runtime, in bytes, on a CPU or (`gpu`) a
+    GPU. The weights are the file's size: `size_bytes` when given (a file on disk), else the
+    quant's published size."""
     m = (cat or catalog.load()).model
     kv = n_ctx * m.n_layer * 2 * m.n_head_kv * m.head_dim * 2  # K and V, f16, one KV head
     # The compute buffer holds the live intermediates of one ubatch: the FFN activations (gate,
-    # up, product), a few residual-width tensors, and, without flash attention (llama.cpp turns
-    # it on by default where it can), the attention scores of every head over the context.
-    scores = 0 if flash_attn else n_ubatch * n_ctx * m.n_head * 4
+    # up, product), a few residual-width tensors, and, without flash attention (off on a CPU,
+    # llama.cpp's choice on a GPU: on where it can), the attention scores of every head.
+    flash_attn, n_ubatch = m.attention(gpu)
+    scores = 0 if flash_attn is not False else n_ubatch * n_ctx * m.n_head * 4
     compute = scores + n_ubatch * (3 * m.n_ff + 8 * m.n_embd) * 4
     weights = size_bytes if size_bytes is not None else quant.size_bytes
     return Estimate(quant, weights, kv, compute, RUNTIME_OVERHEAD)
@@ -86,7 +88,7 @@ def recommend(memory: Memory | None = None, n_ctx: int = 4096, gpu: bool = False
         raise RefactGGUFError("--gpu: no NVIDIA GPU found (NVML)", "drop --gpu to size for RAM")
     budget = memory.usable(gpu)
     candidates = [q for q in cat.quants if q.alias_of is None]
-    estimates = [estimate(q, n_ctx) for q in candidates]
+    estimates = [estimate(q, n_ctx, gpu) for q in candidates]
     fitting = [e for e in estimates if fits(e, memory, gpu)]
     if not fitting:
         smallest = min(estimates, key=lambda e: e.total)
@@ -154,4 +156,4 @@ def gpu_layers(setting: str | int, model_path: Path) -> int:
     vram = free_memory().vram_free
     if vram is None:  # a GPU build, but no NVML to ask (Metal, ROCm, no nvidia-ml-py): llama.cpp says if it does not fit
         return 999
-    return 999 if vram > estimate(None, size_bytes=model_path.stat().st_size).total else 0
+    return 999 if vram > estimate(None, gpu=True, size_bytes=model_path.stat().st_size).total else 0
