@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+from .cores import FreeCores
 from .errors import BusyError, InputError, RefactGGUFError
 from .llama import Context, Model
 from .prompt_cache import PromptCache
@@ -38,6 +39,7 @@ SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk
 BACKGROUND_STEP_S = 1.0  # a step of background prefill lasts about this long (a request arriving stops it, losing it)
 MAX_BACKGROUND = 8  # files whose full prompt waits to be evaluated in the background
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds, for /metrics
+THREADS_EVERY_S = 0.5  # how often the thread count follows the cores other programs leave free
 SHORT_SHARE = 0.6  # of a prompt budget, what a short prompt may take (the rest: slack, and the first tokens)
 
 
@@ -117,6 +119,7 @@ class Engine:
             raise InputError(f"--parallel {parallel} is more than a batch of {n_batch} tokens can serve")
         self.model = model
         self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, threads=threads, n_seq_max=parallel)
+        self._cores = FreeCores(self.ctx.threads) if threads is None else None  # None: as many as are free
         self.n_ctx = self.ctx.n_ctx
         self.slots = [Slot(self.ctx, seq) for seq in range(parallel)]
         # Each person's keystroke resends a prefix and a suffix the tokenizer has seen: keep theirs.
@@ -190,6 +193,7 @@ class Engine:
         """How busy it is now: slots busy, tasks waiting, prompts waiting for background work."""
         with self._cond:
             return {"slots": len(self.slots), "busy": sum(s.busy for s in self.slots), "waiting": len(self._waiting),
+                    "threads": self.ctx.threads,
                     "background": len(self._background) + sum(h.background for h in self._active.values())}
 
     def close(self) -> None:
@@ -301,6 +305,10 @@ class Engine:
                     self._fail(slot, handle, _library_error(e))
             if not shortened:
                 break
+        if self._cores is not None and self._cores.since() >= THREADS_EVERY_S:
+            free = self._cores.free()
+            if free != self.ctx.threads:
+                self.ctx.set_threads(free)
         try:
             self.step()
         except Exception as e:  # noqa: BLE001 - llama.cpp failed (or we did): the batch's tasks end with it

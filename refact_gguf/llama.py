@@ -200,6 +200,7 @@ class Context:
         if not self.ptr:
             raise LlamaError(f"llama.cpp could not create a context of {n_seq_max} × {n_ctx} tokens", "try a smaller --ctx or --parallel")
         self.n_seq_max = n_seq_max
+        self.threads = params.n_threads
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ptr)  # per sequence; llama.cpp pads it to 256
         # llama.cpp caps n_batch at the (padded) context: a larger batch would abort in llama_decode.
         self.n_batch = llama_cpp.llama_n_batch(self.ptr)
@@ -262,6 +263,11 @@ class Context:
         reads positions at attention time, nothing positional is baked into the cached keys."""
         if delta:
             llama_cpp.llama_memory_seq_add(self._memory, seq, start, stop, delta)
+
+    def set_threads(self, n: int) -> None:
+        """Decode with `n` threads from the next batch on."""
+        llama_cpp.llama_set_n_threads(self.ptr, n, n)
+        self.threads = n
 
     def seq_state(self, seq: int) -> bytearray:
         """A copy of what the KV cache holds for `seq` (llama_state_seq_get_data)."""

@@ -16,6 +16,7 @@ import llama_cpp
 import numpy as np
 
 from . import tasks
+from .cores import FreeCores
 from .errors import InputError
 from .llama import Context, Model
 from .tasks import Completion, Sampling, Task
@@ -239,6 +240,7 @@ class Runtime:
             model = Model(Path(model), gpu_layers(n_gpu_layers, Path(model)))
         self.model = model
         self.ctx = Context(self.model, n_ctx=n_ctx, threads=threads)
+        self._cores = FreeCores(self.ctx.threads) if threads is None else None  # None: as many as are free
         self.n_ctx = self.ctx.n_ctx
         self.slot = Slot(self.ctx, 0)
 
@@ -263,6 +265,8 @@ class Runtime:
     def run(self, task: Task, on_text: OnText | None = None) -> Completion:
         """Prefill (reusing the cache), then generate until the task's rules or its limits end it."""
         slot, ctx, batch = self.slot, self.ctx, self.ctx.batch
+        if self._cores is not None and self._cores.since() >= 0.2:
+            ctx.set_threads(self._cores.free())
         slot.start(task, on_text)
         while len(slot.todo):
             if slot.prompt_overdue(time.perf_counter()):

@@ -115,7 +115,7 @@ def test_cancel_mid_batch_leaves_the_others_untouched(model, prompts, expected, 
         done = drive(engine, handles)
         assert done[1].stop_reason == "cancelled" and done[1].tokens_predicted < 12
         assert done[0].text == expected[0] and done[2].text == expected[2]
-        assert engine.load() == {"slots": 3, "busy": 0, "waiting": 0, "background": 0}
+        assert engine.load() == {"slots": 3, "busy": 0, "waiting": 0, "threads": 2, "background": 0}
 
 
 def test_full_queue_is_busy(model, prompts):
@@ -164,7 +164,7 @@ def test_the_engine_thread_serves_many_submitters(model, prompts, expected):
         with ThreadPoolExecutor(16) as pool:
             texts = list(pool.map(lambda i: engine.run(Task(list(prompts[i % 5]), 12)).text, range(16)))
         assert texts == [expected[i % 5] for i in range(16)]
-        assert engine.load() == {"slots": 4, "busy": 0, "waiting": 0, "background": 0}
+        assert engine.load() == {"slots": 4, "busy": 0, "waiting": 0, "threads": 2, "background": 0}
 
 
 def test_an_idle_slot_between_busy_ones_keeps_its_cache(model, prompts, expected):
