@@ -25,17 +25,28 @@ def _compare(hf_dir, gguf_path, tokens):
     return kl_divergence(ref, got), ref.argmax(-1), got.argmax(-1)
 
 
+def _same_decided_top1(hf_dir, gguf_path, tokens) -> None:
+    """An f32 GGUF: KL < 1e-5, and the reference's top-1 wherever no error as large as the largest
+    one seen could flip it (its best two logits more than twice that apart). llama.cpp keeps K and V
+    in f16, so its logits differ by ~0.001 and a closer tie may go either way."""
+    ref = reference_logits(hf_dir, tokens)
+    got = sequence_logits(gguf_path, tokens)
+    assert kl_divergence(ref, got).mean() < 1e-5
+    error = np.abs(ref - got).max()
+    assert error < 0.005, error
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 2 * error
+    assert decided.mean() > 0.75  # the random weights' logits lie close together, yet most are decided
+    assert (ref.argmax(-1) == got.argmax(-1))[decided].all()
+
+
 def test_f32_matches_reference_fused_untied(hf_fused, converted_f32, sample_tokens):
-    kl, ref_top, top = _compare(hf_fused, converted_f32.base, sample_tokens)
-    assert kl.mean() < 1e-5, kl.mean()
-    assert (ref_top == top).all()
+    _same_decided_top1(hf_fused, converted_f32.base, sample_tokens)
 
 
 def test_f32_matches_reference_split_tied(hf_split_tied, tmp_path, sample_tokens):
     result = convert(hf_split_tied, tmp_path, "f32")
-    kl, ref_top, top = _compare(hf_split_tied, result.base, sample_tokens)
-    assert kl.mean() < 1e-5, kl.mean()
-    assert (ref_top == top).all()
+    _same_decided_top1(hf_split_tied, result.base, sample_tokens)
     # tied head: output.weight is the uncentred embedding, token_embd the centred one
     tensors = {t.name: t for t in gguf.GGUFReader(result.base).tensors}
     emb, out = np.asarray(tensors["token_embd.weight"].data), np.asarray(tensors["output.weight"].data)
