@@ -67,7 +67,9 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
     n_gpu = resolve_gpu_layers(gpu_layers, Path(path))
     t0 = time.perf_counter()
     model = Model(Path(path), n_gpu)
-    ctx = Context(model, n_ctx=depth + n_prompt + n_gen, n_batch=n_prompt, threads=threads)
+    # n_batch ≥ 512: the depth is filled in big batches, as llama-bench fills it (a 16-token test
+    # prompt still goes in as one batch of 16)
+    ctx = Context(model, n_ctx=depth + n_prompt + n_gen, n_batch=max(n_prompt, 512), threads=threads)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, model.n_vocab - 100, n_prompt).tolist()
@@ -76,11 +78,17 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
     # server's does: attention then reads them for every new token.
     context = rng.integers(100, model.n_vocab - 100, depth).tolist()
 
+    depth_state: list = []  # the depth's KV, filled once and restored for every test, as llama-bench does
+
     def fresh() -> None:
         ctx.reset()
-        if context:
+        if context and depth_state:
+            ctx.seq_restore(0, depth_state[0])
+            ctx.n_past = depth
+        elif context:
             ctx.decode(context)
             ctx.synchronize()
+            depth_state.append(ctx.seq_state(0))
 
     def run_pp() -> float:
         fresh()
@@ -108,6 +116,9 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
     with Runtime(model, n_ctx=depth + n_prompt + n_gen + 16, threads=threads) as rt:
         def run_gen() -> float:
             rt.slot.clear()
+            if depth_state:  # the same depth, restored; the run evaluates the prompt after it
+                rt.ctx.seq_restore(0, depth_state[0])
+                rt.slot.holds(np.asarray(context, np.int32))
             done = rt.run(Task(context + prompt[:16], n_gen))
             return done.tokens_predicted / (done.predicted_ms / 1e3) if done.predicted_ms else 0.0
 
