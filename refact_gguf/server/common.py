@@ -141,3 +141,11 @@ def check_predict(service: Service, n: int) -> int:
     if n > service.limits.max_predict:
         raise InputError(f"n_predict/max_tokens {n} is over this server's limit of {service.limits.max_predict}")
     return n
+
+
+def predict_limit(service: Service, asked: int | None, default: int) -> int:
+    """Tokens to generate: `default` when the request asks nothing, the server's limit when it asks
+    for a negative count (Ollama's -1/-2, llama.vscode's -1: as many as allowed), else what it asks."""
+    if asked is None:
+        return check_predict(service, default)
+    return service.limits.max_predict if asked < 0 else check_predict(service, asked)

@@ -20,7 +20,7 @@ from pydantic import Field
 from .. import tasks
 from ..chat import Message
 from ..tasks import Completion, Sampling, Task
-from .common import Service, _Body, check_predict, complete, stream
+from .common import Service, _Body, complete, predict_limit, stream
 
 router = APIRouter()
 
@@ -114,13 +114,6 @@ def _stats(c: Completion) -> dict[str, Any]:
             "eval_count": c.tokens_predicted, "eval_duration": eval_ns}
 
 
-def _max_tokens(service: Service, options: Options, default: int) -> int:
-    n = options.num_predict
-    if n is None:
-        return check_predict(service, default)
-    return service.limits.max_predict if n < 0 else check_predict(service, n)
-
-
 # ------------------------------------------------------------------------------------ routes
 
 
@@ -169,7 +162,7 @@ async def generate(body: GenerateRequest, request: Request):
                 "done_reason": "load"}
     options = body.options
     code = body.suffix is not None
-    max_tokens = _max_tokens(service, options, 128)
+    max_tokens = predict_limit(service, options.num_predict, 128)
     sampling = options.sampling(0.0 if code else 0.2)
     text = body.prompt if body.raw or not body.system else f"{body.system}\n\n{body.prompt}"
 
@@ -195,7 +188,7 @@ async def chat(body: ChatRequest, request: Request):
     if not body.messages:  # clients load a model this way: it is loaded
         return {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": ""}, "done": True,
                 "done_reason": "load"}
-    max_tokens = _max_tokens(service, body.options, min(512, service.limits.max_predict))
+    max_tokens = predict_limit(service, body.options.num_predict, min(512, service.limits.max_predict))
     sampling = body.options.sampling(0.2)
     messages = [Message(m.role, m.content) for m in body.messages]
 

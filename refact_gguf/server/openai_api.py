@@ -14,7 +14,7 @@ from .. import tasks
 from ..chat import Message
 from ..errors import InputError
 from ..tasks import Completion, Sampling, Task
-from .common import Service, _Body, check_predict, complete, stream
+from .common import Service, _Body, complete, predict_limit, stream
 
 router = APIRouter()
 
@@ -41,9 +41,7 @@ class _OpenAIRequest(_Body):
         asked = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if asked == 0:
             raise InputError("max_tokens: must be at least 1 (or -1 for as many as the server allows)")
-        if asked is None:
-            return check_predict(service, default)
-        return service.limits.max_predict if asked < 0 else check_predict(service, asked)
+        return predict_limit(service, asked, default)
 
 
 class CompletionRequest(_OpenAIRequest):
