@@ -19,6 +19,8 @@ from refact_gguf.convert import convert, writer
 from refact_gguf.convert.checkpoint import Checkpoint
 from refact_gguf.errors import CheckpointError, OutputError, TensorError
 
+from . import torch_bin
+
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -84,6 +86,22 @@ def test_pytorch_bin_read_without_torch_code(hf_fused, tmp_path, sample_tokens):
     assert all(np.array_equal(original[n], from_bin[n]) for n in original)
     result = convert(hf, tmp_path / "out", "f32")
     assert result.base.is_file()
+
+
+def test_pytorch_bin_as_torch_writes_it(hf_fused, tmp_path):
+    """The same check where torch is not installed: the file written opcode by opcode, one tensor
+    stored transposed (a non-contiguous view of its storage)."""
+    hf = _copy(hf_fused, tmp_path / "hf")
+    weights = _all_weights(hf_fused)
+    q = "transformer.h.0.attn.q.weight"
+    tensors = {**weights, q: weights[q].T}  # stored transposed; the view below turns it back
+    rows, cols = weights[q].shape
+    key = str(list(tensors).index(q))
+    torch_bin.write(hf / "pytorch_model.bin", tensors, {q: torch_bin.View(key, 0, (rows, cols), (1, rows), rows * cols)})
+    (hf / "model.safetensors").unlink()
+    from_bin = _all_weights(hf)
+    assert all(np.array_equal(weights[n].astype(np.float32), from_bin[n]) for n in weights)
+    assert convert(hf, tmp_path / "out", "f32").base.is_file()
 
 
 def test_malicious_pickle_is_refused_not_run(hf_fused, tmp_path):
@@ -234,30 +252,12 @@ def test_failed_quantization_leaves_no_partial_file(hf_fused, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Refact-1_6B-fim.F16.gguf"]
 
 
-def _tensor_pickle(name: str, key: str, offset: int, size: tuple, stride: tuple) -> bytes:
-    """data.pkl of a torch checkpoint holding one float32 tensor view, written opcode by opcode
-    (no torch needed): the shape of what torch.save writes."""
-    import struct
-
-    def text(x: str) -> bytes:
-        return b"X" + struct.pack("<I", len(x.encode())) + x.encode()
-
-    def ints(xs) -> bytes:
-        return b"(" + b"".join(b"J" + struct.pack("<i", x) for x in xs) + b"t"
-
-    storage = b"(" + text("storage") + b"ctorch\nFloatStorage\n" + text(key) + text("cpu") + b"J" + struct.pack("<i", 4) + b"tQ"
-    return (b"\x80\x02}" + text(name) + b"ctorch._utils\n_rebuild_tensor_v2\n(" + storage + b"J" + struct.pack("<i", offset)
-            + ints(size) + ints(stride) + b"\x89}tRs.")
-
-
 @pytest.mark.parametrize("offset,size,stride", [(0, (4, 4), (4, 1)), (3, (2, 2), (1, 1)), (0, (2, 3), (100, 1))])
 def test_a_tensor_view_past_its_storage_is_refused(tmp_path, offset, size, stride):
     from refact_gguf.convert.checkpoint import _torch_bin_tensors
 
     path = tmp_path / "pytorch_model.bin"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("archive/data.pkl", _tensor_pickle("w", "0", offset, size, stride))
-        zf.writestr("archive/data/0", np.arange(4, dtype=np.float32).tobytes())
+    torch_bin.write(path, {"w": np.arange(4, dtype=np.float32)}, {"w": torch_bin.View("0", offset, size, stride, 4)})
     (tensor,) = _torch_bin_tensors(path)
     with pytest.raises(CheckpointError, match="runs past its storage"):
         tensor.read()
@@ -267,9 +267,7 @@ def test_a_float32_bin_tensor_reads_as_a_writable_copy(tmp_path):
     from refact_gguf.convert.checkpoint import _torch_bin_tensors
 
     path = tmp_path / "pytorch_model.bin"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("archive/data.pkl", _tensor_pickle("w", "0", 0, (2, 2), (2, 1)))
-        zf.writestr("archive/data/0", np.arange(4, dtype=np.float32).tobytes())
+    torch_bin.write(path, {"w": np.arange(4, dtype=np.float32).reshape(2, 2)})
     (tensor,) = _torch_bin_tensors(path)
     rows = tensor.read()
     rows -= rows.mean(axis=1, keepdims=True)  # the converter centres in place
