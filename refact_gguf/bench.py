@@ -19,7 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import RefactGGUFError
+from . import catalog
+from .errors import InputError, RefactGGUFError
 
 
 @dataclass(frozen=True)
@@ -133,12 +134,22 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
     )
 
 
+def _check_fits(tokens: int, what: str) -> None:
+    """A test longer than the model's context measures nothing a user meets (and 10⁶ tokens would
+    run for hours): refused before anything loads."""
+    limit = catalog.load().model.n_ctx_train
+    if tokens > limit:
+        raise InputError(f"{what} = {tokens:,} tokens, more than the model's context ({limit:,})",
+                         "lower -p, --n-gen or --depth")
+
+
 def bench(path: Path, threads: int | None = None, gpu_layers: str | int = 0, n_prompt: int = 512, n_gen: int = 128,
           reps: int = 5, isolate: bool = True, depth: int = 0) -> BenchResult:
     """Benchmark one GGUF; `isolate` runs it in a fresh process (clean load time and RSS); `depth`
     tokens in the cache before each test, like llama-bench's -d."""
     from .loader import inspect
 
+    _check_fits(depth + n_prompt + n_gen, f"--depth {depth} + -p {n_prompt} + --n-gen {n_gen}")
     threads = threads or os.cpu_count() or 1
     args = (str(path), threads, gpu_layers, n_prompt, n_gen, reps, depth)
     if not isolate:
@@ -206,6 +217,7 @@ def batched(path: Path, parallel: list[int], n_prompt: int = 1500, n_gen: int = 
     from .select import gpu_layers as resolve_gpu_layers
     from .tasks import Task
 
+    _check_fits(n_prompt + n_gen, f"-p {n_prompt} + --n-gen {n_gen}")
     rows = []
     with Model(Path(path), resolve_gpu_layers(gpu_layers, Path(path))) as model:
         rng = np.random.default_rng(0)

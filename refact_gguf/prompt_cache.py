@@ -26,6 +26,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from .errors import OutputError
 from .runtime import common_prefix
 
 MAGIC = b"RGGUFKV1"
@@ -81,7 +82,11 @@ class PromptCache:
         self._writer: threading.Thread | None = None
         self.rejected = 0  # files found corrupt, truncated or foreign (deleted)
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"cannot keep KV caches in {self.directory}: {e.strerror}",
+                                  "choose another --cache-dir, or --cache-disk-mb 0 to keep none on disk") from None
             self._index()
             self._writer = threading.Thread(target=self._write_loop, name="refact-gguf-kv-writer", daemon=True)
             self._writer.start()

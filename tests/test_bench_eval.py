@@ -82,3 +82,12 @@ def test_bench_child_killed_by_a_signal_is_a_one_line_error(q4_model, tmp_path, 
     with pytest.raises(RefactGGUFError, match=rf"{q4_model.name} failed \(signal SIGSEGV\): Fatal Python error: Segmentation fault") as e:
         bench(q4_model, threads=2, n_prompt=8, n_gen=2, reps=1, isolate=True)
     assert "refact-gguf bench -m" in e.value.hint
+
+
+@pytest.mark.parametrize("kw", [{"n_prompt": 10**6}, {"depth": 4000, "n_prompt": 64, "n_gen": 64}])
+def test_bench_longer_than_the_context_is_refused_before_loading(q4_model, kw):
+    """-p 1000000 ran for hours (a 10⁶-token context allocated and filled)."""
+    from refact_gguf.errors import InputError
+
+    with pytest.raises(InputError, match="more than the model's context"):
+        bench(q4_model, threads=1, **kw)

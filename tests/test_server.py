@@ -349,3 +349,49 @@ def test_openai_details_clients_send(url):
                         ("logprobs", {"prompt": "x", "logprobs": 2})]:
         refused = httpx.post(f"{url}/v1/completions", json=body)
         assert refused.status_code == 400 and f"{field}:" in refused.json()["error"]["message"], refused.text
+
+
+def test_sigterm_stops_serving_and_writes_the_caches(q4_model, tmp_path):
+    """As systemd or an editor stops it: exit 0, and the slot's KV cache reaches the disk even
+    when the signal comes before the idle write (uvicorn re-raised SIGTERM and the process died)."""
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "refact_gguf.cli", "serve", "-m", str(q4_model), "--port", str(port),
+                             "-t", "1", "--ctx", "512", "--cache-dir", str(tmp_path / "kv")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-500:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        r = httpx.post(f"http://127.0.0.1:{port}/infill", json={"input_prefix": "def f(x):\n    return x + 1\n" * 20, "n_predict": 2})
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)  # at once: the 2-second idle write has not happened
+        assert proc.wait(60) == 0, proc.stderr.read().decode()[-500:]
+    finally:
+        proc.kill()
+    assert list((tmp_path / "kv").rglob("*.kv")), "the slot's cache was not written at shutdown"
+
+
+def test_a_cache_dir_that_cannot_be_one_is_one_line(q4_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from refact_gguf.cli import app
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = CliRunner().invoke(app, ["serve", "-m", str(q4_model), "--port", str(port), "--cache-dir", str(a_file)])
+    assert r.exit_code == 1 and "cannot keep KV caches in" in r.output and "--cache-disk-mb 0" in r.output, r.output
+    assert "Traceback" not in r.output

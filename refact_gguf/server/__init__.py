@@ -15,11 +15,15 @@ to HTTP status by type: a full queue is 503, a client's bad input 400, llama.cpp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Callable
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -122,8 +126,6 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8012, api_key: str | 
     """Load the model once, start an engine of `parallel` sequences on it, and serve until
     interrupted. Files' KV caches are kept in `cache_mb` of memory (default: from free RAM) and
     `cache_disk_mb` under `cache_dir` (default: the user's cache directory; 0 MB: none)."""
-    import uvicorn
-
     from ..llama import Model
     from ..prompt_cache import PromptCache, default_directory, default_memory_mb, model_fingerprint
     from ..select import gpu_layers as resolve_gpu_layers
@@ -136,9 +138,27 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8012, api_key: str | 
             Engine(model, n_ctx=n_ctx, parallel=parallel, threads=threads, max_queue=limits.max_queue,
                    cache=cache).start() as engine:
         app = create_app(engine, model_path.name, api_key, limits, cors_origins)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        server = _GracefulServer(uvicorn.Config(app, log_level="warning", access_log=False))
         on_ready(f"http://{host}:{port}")
         server.run(sockets=[sock])
+
+
+class _GracefulServer(uvicorn.Server):
+    """SIGINT and SIGTERM only stop serving. uvicorn re-raises the signal after its shutdown, and
+    the default SIGTERM action ends the process before the engine closes: the slots' KV caches never
+    reach the disk, and a service manager sees a kill instead of exit 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _listen(host: str, port: int) -> socket.socket:
