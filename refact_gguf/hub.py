@@ -159,21 +159,26 @@ def pull(
                        f"commit {meta.commit_hash[:80]!r}): expected a sha256 and a commit hash",
                        "check HF_ENDPOINT; nothing was written")
 
+    # Locks where huggingface_hub keeps its own, so a `hf download` of the same file waits for us
+    # (and nothing but files lives in blobs/).
     if local_dir is not None:
         final = Path(local_dir) / filename
         partial = final.with_name(final.name + ".incomplete")
+        lock = Path(local_dir) / ".cache" / "huggingface" / "download" / f"{filename}.lock"
     else:
-        blobs = _repo_dir(config) / "blobs"
-        final = blobs / meta.etag
-        partial = blobs / f"{meta.etag}.incomplete"
+        repo = _repo_dir(config)
+        final = repo / "blobs" / meta.etag
+        partial = final.with_name(f"{meta.etag}.incomplete")
+        lock = config.cache_dir / ".locks" / repo.name / f"{meta.etag}.lock"
     try:
         partial.parent.mkdir(parents=True, exist_ok=True)
+        lock.parent.mkdir(parents=True, exist_ok=True)
         # A place that cannot hold a file (read-only, /proc) would make the lock below wait forever.
         tempfile.TemporaryFile(dir=partial.parent).close()
     except OSError as e:
         raise OutputError(f"cannot write in {partial.parent}: {e.strerror or e}", "choose another --local-dir") from None
 
-    with FileLock(str(partial) + ".lock"):
+    with FileLock(str(lock)):
         if not final.is_file() or force:
             have = partial.stat().st_size if partial.is_file() else 0
             free = shutil.disk_usage(partial.parent).free
