@@ -16,7 +16,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .console import RichProgress, err, out, llama_output
-from .errors import RefactGGUFError
+from .errors import InputError, RefactGGUFError
 
 
 class _FormattedErrors(TyperGroup):
@@ -341,6 +341,7 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port (llama.vim's default is 8012).")] = 8012,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="REFACT_GGUF_API_KEY", help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", envvar="REFACT_GGUF_API_KEY_FILE", help="Accept any key in this file: one a line, optionally followed by whom it is for; read again when it changes and on SIGHUP. A proxy in front of several servers can hash on the key (docs/scale.md).")] = None,
     parallel: Annotated[int, typer.Option("--parallel", min=1, max=64, help="Requests served at once (each slot has its own KV cache).")] = 1,
     queue: Annotated[int, typer.Option("--queue", min=0, help="Requests that may wait for a slot; more get HTTP 503.")] = 16,
     max_predict: Annotated[int, typer.Option("--max-predict", min=1, help="Largest n_predict / max_tokens accepted.")] = 1024,
@@ -370,16 +371,20 @@ def serve(
     refact-gguf serve
     refact-gguf serve -m Q4_K_M --port 8012 --parallel 2
     refact-gguf serve --api-key secret --host 0.0.0.0
+    refact-gguf serve --api-key-file /etc/refact-gguf/keys --host 0.0.0.0 --parallel 8
     ```
     """
     from .select import resolve_model
-    from .server import Limits
+    from .server import ApiKeys, Limits
     from .server import serve as run_server
 
+    if api_key is not None and api_key_file is not None:
+        raise InputError("--api-key and --api-key-file both given", "put the one key in the file, or use only --api-key")
+    keys = ApiKeys(api_key, api_key_file) if api_key is not None or api_key_file is not None else None
     llama_output(verbose)
     path = resolve_model(model)
     run_server(
-        path, host=host, port=port, api_key=api_key, parallel=parallel, n_ctx=ctx_size, threads=threads,
+        path, host=host, port=port, keys=keys, parallel=parallel, n_ctx=ctx_size, threads=threads,
         gpu_layers=gpu_layers, limits=Limits(max_predict=max_predict, max_queue=queue, prompt_budget_ms=prompt_budget_ms), cors_origins=cors_origin,
         cache_mb=cache_mb, cache_disk_mb=cache_disk_mb, cache_dir=cache_dir,
         on_ready=lambda url: err.print(f"serving {path.name} on [bold]{url}[/] ({parallel} slot(s)); Ctrl-C stops"),

@@ -11,18 +11,18 @@ import uvicorn
 
 from refact_gguf.engine import Engine
 from refact_gguf.llama import Model
-from refact_gguf.server import Limits, create_app
+from refact_gguf.server import Limits, create_app, uvicorn_config
 
 
 @contextmanager
-def running(q4_model, parallel=2, api_key=None, limits=Limits(max_predict=64), engine=Engine, cors_origins=None):
+def running(q4_model, parallel=2, keys=None, limits=Limits(max_predict=64), engine=Engine, cors_origins=None):
     model = Model(q4_model)
     eng = engine(model, n_ctx=1024, parallel=parallel, threads=1, max_queue=limits.max_queue).start()
-    app = create_app(eng, q4_model.name, api_key, limits, cors_origins)
+    app = create_app(eng, q4_model.name, keys, limits, cors_origins)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn_config(app, limits, host="127.0.0.1", port=port))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

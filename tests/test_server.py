@@ -141,7 +141,7 @@ def test_malformed_json_and_oversized_body(url):
 
 
 def test_auth_required_except_health(q4_model):
-    with running(q4_model, parallel=1, api_key="s3cret") as u:
+    with running(q4_model, parallel=1, keys="s3cret") as u:
         assert httpx.get(f"{u}/health").status_code == 200
         assert httpx.get(f"{u}/v1/models").status_code == 401
         assert httpx.get(f"{u}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -228,7 +228,7 @@ def test_sixteen_concurrent_clients_of_every_kind(q4_model):
 
 
 def test_cors_preflight_passes_before_the_key_check(q4_model):
-    with running(q4_model, parallel=1, api_key="s3cret", cors_origins=["http://localhost:5173"]) as u:
+    with running(q4_model, parallel=1, keys="s3cret", cors_origins=["http://localhost:5173"]) as u:
         pre = httpx.options(f"{u}/v1/completions", headers={
             "Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "authorization,content-type"})
@@ -395,3 +395,32 @@ def test_a_cache_dir_that_cannot_be_one_is_one_line(q4_model, tmp_path):
     r = CliRunner().invoke(app, ["serve", "-m", str(q4_model), "--port", str(port), "--cache-dir", str(a_file)])
     assert r.exit_code == 1 and "cannot keep KV caches in" in r.output and "--cache-disk-mb 0" in r.output, r.output
     assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /infill HT", b"GET /health HTTP/1.1\r\nHost: x\r\n"])
+def test_a_connection_that_never_finishes_its_request_head_is_closed(q4_model, sent):
+    """uvicorn waited forever for a request line or headers that stopped coming (the fault suite
+    held one 90 s); through `serve` the head has the body's time limit."""
+    with running(q4_model, parallel=1, limits=Limits(max_predict=64, body_timeout_s=0.5)) as u:
+        host, port = u.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as c:
+            c.sendall(sent)
+            t0 = time.time()
+            assert c.recv(100) == b""  # closed by the server
+            assert time.time() - t0 < 5
+        with socket.create_connection((host, int(port)), timeout=10) as c:  # a whole head is served
+            c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert c.recv(100).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_is_read_whatever_its_label(q4_model, content_type):
+    """`curl -d '{…}'` labels the body a form, and some clients send no Content-Type; llama-server
+    and Ollama read the JSON all the same (FastAPI refused it: 400)."""
+    headers = {"content-type": content_type} if content_type else {}
+    with running(q4_model, parallel=1) as u:
+        for path, body in (("/infill", b'{"input_prefix": "def f(", "n_predict": 2}'),
+                           ("/v1/completions", b'{"prompt": "def f(", "max_tokens": 2}'),
+                           ("/api/generate", b'{"prompt": "def f(", "stream": false, "options": {"num_predict": 2}}')):
+            r = httpx.post(f"{u}{path}", content=body, headers=headers, timeout=60)
+            assert r.status_code == 200, (path, r.text)

@@ -16,25 +16,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import functools
 import signal
 import socket
 import threading
 from pathlib import Path
 from typing import Callable
 
+import h11
 import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .. import __version__
 from ..engine import Engine
 from ..errors import RefactGGUFError
 from . import llama_api, ollama_api, openai_api
 from .common import Limits, Service, error_body, error_status
+from .keys import ApiKeys
 
-__all__ = ["Limits", "Service", "create_app", "serve"]
+__all__ = ["ApiKeys", "Limits", "Service", "create_app", "serve"]
 
 
 async def _library_error(request, e: RefactGGUFError):
@@ -53,9 +56,10 @@ async def _http_error(request, e: StarletteHTTPException):
     return error_body(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else "invalid_request_error")
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None, limits: Limits = Limits(),
+def create_app(engine: Engine, model_name: str, keys: ApiKeys | str | None = None, limits: Limits = Limits(),
                cors_origins: list[str] | None = None) -> FastAPI:
-    """The ASGI app over a started engine."""
+    """The ASGI app over a started engine; `keys` (or one key) required on every endpoint but /health."""
+    keys = ApiKeys(keys) if isinstance(keys, str) else keys
     app = FastAPI(title="refact-gguf", version=__version__)
     app.state.service = Service(engine, model_name, limits)
     for api in (llama_api, openai_api, ollama_api):
@@ -63,7 +67,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
     app.add_exception_handler(RefactGGUFError, _library_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_middleware(_Guard, api_key=api_key, max_body=limits.max_body_bytes, body_timeout=limits.body_timeout_s)
+    app.add_middleware(_Guard, keys=keys, max_body=limits.max_body_bytes, body_timeout=limits.body_timeout_s)
     if cors_origins:  # added last, so outermost: a browser's preflight passes before the key check
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -72,27 +76,31 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, limi
 
 
 class _Guard:
-    """API key and body size, checked before anything is read, and the body's size and pace while
+    """API key and body size, checked before anything is read (every body read as JSON), and the body's size and pace while
     it is read (a chunked body has no Content-Length; a stalled one would hold its connection). A
     plain ASGI middleware: Starlette's BaseHTTPMiddleware would tell a streaming response that its
     client had disconnected."""
 
-    def __init__(self, app, api_key: str | None, max_body: int, body_timeout: float):
-        self.app, self.api_key, self.max_body, self.body_timeout = app, api_key, max_body, body_timeout
+    def __init__(self, app, keys: ApiKeys | None, max_body: int, body_timeout: float):
+        self.app, self.keys, self.max_body, self.body_timeout = app, keys, max_body, body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             response = None
-            if self.api_key is not None and scope["path"] != "/health":
-                given = headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            if self.keys is not None and scope["path"] != "/health":
+                if self.keys.person(headers.get("authorization", "")) is None:
                     response = error_body(401, "invalid or missing API key", "authentication_error")
             length = headers.get("content-length")
             if response is None and length is not None and (not length.isdigit() or int(length) > self.max_body):
                 response = error_body(413, f"request body over {self.max_body} bytes", "invalid_request_error")
             if response is not None:
                 return await response(scope, receive, send)
+            if "json" not in headers.get("content-type", ""):
+                # Every body here is JSON, whatever it is labelled: llama-server and Ollama read it so,
+                # and `curl -d '{…}'` sends it as a form (FastAPI would refuse it).
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                         + [(b"content-type", b"application/json")]}
             receive = self._bounded(receive)
         await self.app(scope, receive, send)
 
@@ -119,13 +127,14 @@ class _Guard:
         return bounded
 
 
-def serve(model_path, host: str = "127.0.0.1", port: int = 8012, api_key: str | None = None, parallel: int = 1,
+def serve(model_path, host: str = "127.0.0.1", port: int = 8012, keys: ApiKeys | None = None, parallel: int = 1,
           n_ctx: int = 4096, threads: int | None = None, gpu_layers: str | int = 0, limits: Limits = Limits(),
           cors_origins: list[str] | None = None, cache_mb: int | None = None, cache_disk_mb: int = 2048,
           cache_dir: Path | None = None, on_ready: Callable[[str], None] = lambda url: None) -> None:
     """Load the model once, start an engine of `parallel` sequences on it, and serve until
     interrupted. Files' KV caches are kept in `cache_mb` of memory (default: from free RAM) and
-    `cache_disk_mb` under `cache_dir` (default: the user's cache directory; 0 MB: none)."""
+    `cache_disk_mb` under `cache_dir` (default: the user's cache directory; 0 MB: none). A keys
+    file behind `keys` is read again on SIGHUP."""
     from ..llama import Model
     from ..prompt_cache import PromptCache, default_directory, default_memory_mb, model_fingerprint
     from ..select import gpu_layers as resolve_gpu_layers
@@ -137,10 +146,52 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8012, api_key: str | 
     with sock, Model(model_path, resolve_gpu_layers(gpu_layers, model_path)) as model, \
             Engine(model, n_ctx=n_ctx, parallel=parallel, threads=threads, max_queue=limits.max_queue,
                    cache=cache).start() as engine:
-        app = create_app(engine, model_path.name, api_key, limits, cors_origins)
-        server = _GracefulServer(uvicorn.Config(app, log_level="warning", access_log=False))
+        app = create_app(engine, model_path.name, keys, limits, cors_origins)
+        server = _GracefulServer(uvicorn_config(app, limits))
+        if keys is not None and keys.path is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, lambda *_: keys.reload())
         on_ready(f"http://{host}:{port}")
         server.run(sockets=[sock])
+
+
+def uvicorn_config(app: FastAPI, limits: Limits, **kw) -> uvicorn.Config:
+    """How `serve` runs the app: quiet, and a request's head held to the body's time limit."""
+    http = functools.partial(_HeadTimeout, head_timeout_s=limits.body_timeout_s)
+    return uvicorn.Config(app, http=http, log_level="warning", access_log=False, **kw)
+
+
+class _HeadTimeout(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, closed when a request's head (its line and headers) has not
+    all arrived `head_timeout_s` after the connection opened or the head began: uvicorn waits for
+    one forever, so a client that stops mid-line would hold its connection for good."""
+
+    def __init__(self, *args, head_timeout_s: float, **kw):
+        super().__init__(*args, **kw)
+        self.head_timeout_s = head_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._watch_head()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch_head()
+
+    def connection_lost(self, exc) -> None:
+        self._stop_watching()
+        super().connection_lost(exc)
+
+    def _watch_head(self) -> None:
+        if self.conn.their_state is not h11.IDLE:  # the head is in: the body has its own limit (_Guard)
+            self._stop_watching()
+        elif self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self.timeout_keep_alive_handler)
+
+    def _stop_watching(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
 
 
 class _GracefulServer(uvicorn.Server):
