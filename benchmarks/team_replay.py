@@ -49,15 +49,16 @@ def requests(path: Path, keystrokes: int, n_predict: int) -> list[dict]:
     } for k in range(keystrokes + 1)]
 
 
-def http_sender(url: str):
-    """One request over HTTP: (ok, timings)."""
+def http_sender(url: str, keys: list[str] | None = None):
+    """One request over HTTP for person `who` (with their API key, if `keys`): (ok, timings)."""
     local = threading.local()
 
-    def send(body: dict) -> tuple[bool, dict]:
+    def send(who: int, body: dict) -> tuple[bool, dict]:
         if not hasattr(local, "client"):
             local.client = httpx.Client(timeout=900)
+        headers = {"Authorization": f"Bearer {keys[who]}"} if keys else {}
         try:
-            r = local.client.post(f"{url}/infill", json=body)
+            r = local.client.post(f"{url}/infill", json=body, headers=headers)
         except httpx.HTTPError:
             return False, {}
         return r.status_code == 200, r.json().get("timings", {}) if r.status_code == 200 else {}
@@ -69,7 +70,7 @@ def engine_sender(engine):
     """One request straight to refact-gguf's engine, built as the server builds it."""
     from refact_gguf import tasks
 
-    def send(body: dict) -> tuple[bool, dict]:
+    def send(who: int, body: dict) -> tuple[bool, dict]:
         task = tasks.fim(engine.model.tokenize_cached, engine.n_ctx, body["input_prefix"], body["input_suffix"],
                          max_tokens=body["n_predict"], line=body["prompt"])
         c = engine.run(task)
@@ -79,6 +80,12 @@ def engine_sender(engine):
 
 
 def replay(send, typists: int, keystrokes: int, n_predict: int) -> dict:
+    return summarize(run(send, typists, keystrokes, n_predict), typists, keystrokes, n_predict)
+
+
+def run(send, typists: int, keystrokes: int, n_predict: int, pause_s: float = 0.0) -> list[dict]:
+    """Phase 1 (every first, cold request at once), then phase 2 (warm keystrokes, `pause_s`
+    apart): one row a request, `end` and `start` on time.perf_counter()'s clock."""
     plans = [requests(p, keystrokes, n_predict) for p in files(typists)]
     rows: list[dict] = []
     lock = threading.Lock()
@@ -87,9 +94,9 @@ def replay(send, typists: int, keystrokes: int, n_predict: int) -> dict:
 
     def one(who: int, k: int, body: dict) -> None:
         t0 = time.perf_counter()
-        ok, t = send(body)
+        ok, t = send(who, body)
         with lock:
-            rows.append({"who": who, "k": k, "ms": (time.perf_counter() - t0) * 1e3, "ok": ok,
+            rows.append({"who": who, "k": k, "start": t0, "ms": (time.perf_counter() - t0) * 1e3, "ok": ok,
                          "prompt_n": t.get("prompt_n", 0), "predicted_n": t.get("predicted_n", 0), "end": time.perf_counter()})
 
     def typist(who: int) -> None:
@@ -97,16 +104,21 @@ def replay(send, typists: int, keystrokes: int, n_predict: int) -> dict:
         cold_done.wait()
         warm_go.wait()
         for k, body in enumerate(plans[who][1:], 1):
+            time.sleep(pause_s)
             one(who, k, body)
 
     threads = [threading.Thread(target=typist, args=(i,)) for i in range(typists)]
     for t in threads:
         t.start()
     cold_done.wait()
-    t_warm = time.perf_counter()
     warm_go.set()
     for t in threads:
         t.join()
+    return rows
+
+
+def summarize(rows: list[dict], typists: int, keystrokes: int, n_predict: int) -> dict:
+    t_warm = min((r["start"] for r in rows if r["k"] > 0), default=0.0)
     cold = [r for r in rows if r["k"] == 0]
     warm = [r for r in rows if r["k"] > 0]
     warm_ok = [r for r in warm if r["ok"]]
