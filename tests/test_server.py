@@ -241,6 +241,9 @@ def test_cors_preflight_passes_before_the_key_check(q4_model):
     ("/infill", {"input_prefix": "x = '\ud800'", "input_suffix": "\ud800", "prompt": "\udfff", "n_predict": 2}),
     ("/v1/completions", {"prompt": "s = '\ud800", "max_tokens": 2}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800?"}], "max_tokens": 2}),
+    ("/api/generate", {"model": "\ud800", "prompt": "x", "stream": False, "options": {"num_predict": 2}}),  # echoed back
+    ("/api/chat", {"model": "m\ud800", "messages": [{"role": "user", "content": "hi"}], "stream": False,
+                   "options": {"num_predict": 2, "stop": ["\udfff"]}}),
 ])
 def test_a_lone_surrogate_is_text_not_a_500(url, path, body):
     r = httpx.post(f"{url}{path}", content=json.dumps(body), headers={"content-type": "application/json"}, timeout=60)

@@ -10,7 +10,7 @@ from typing import AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from ..engine import Engine, Handle
 from ..errors import BusyError, InputError, RefactGGUFError
@@ -42,8 +42,25 @@ class Service:
         return self.engine.model.tokenize(text, special=True)
 
 
+def _valid_text(value):
+    """`value` with lone surrogates ("\\ud800" is valid JSON, not valid text) replaced by U+FFFD,
+    in strings at any depth: a field echoed in a response would otherwise fail to encode (500)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    if isinstance(value, list):
+        return [_valid_text(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _valid_text(v) for k, v in value.items()}
+    return value
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")  # accept and ignore what we do not implement
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text(cls, data):
+        return _valid_text(data)
 
 
 def error_body(status: int, message: str, kind: str) -> JSONResponse:
