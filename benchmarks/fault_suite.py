@@ -88,6 +88,8 @@ def classify(rc: int, stderr: str) -> tuple[str, str]:
         return "crash", f"signal {-rc if rc < 0 else rc - 128}: {last}"
     if rc == 0:
         return "accepted", ""
+    if rc == 130:  # the case sent Ctrl-C: 130 is the answer, with or without a message
+        return "clean error", "interrupted (exit 130)"
     return ("clean error", last) if last else ("crash", f"exit {rc} with no message")
 
 

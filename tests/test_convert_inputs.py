@@ -157,7 +157,15 @@ CASES = {
     ),
     "n_head 0": (
         lambda hf: (hf / "config.json").write_text((hf / "config.json").read_text().replace('"n_head": 4', '"n_head": 0')),
-        CheckpointError, "n_head is 0, it must be positive",
+        CheckpointError, "n_head is 0, it must be between 1 and",
+    ),
+    "n_layer 10**12 (ran for ever)": (
+        lambda hf: (hf / "config.json").write_text((hf / "config.json").read_text().replace('"n_layer": 2', '"n_layer": 1000000000000')),
+        CheckpointError, "n_layer is 1000000000000, it must be between 1 and 512",
+    ),
+    "n_positions 10**12 (a traceback)": (
+        lambda hf: (hf / "config.json").write_text((hf / "config.json").read_text().replace('"n_positions": 4096', '"n_positions": 1000000000000')),
+        CheckpointError, "n_ctx is 1000000000000, it must be between",
     ),
     "safetensors header a list": (lambda hf: _raw_header(hf, b"[1, 2]"), CheckpointError, "not a JSON object"),
     "safetensors entry a number": (lambda hf: _raw_header(hf, b'{"transformer.wte.weight": 5}'), CheckpointError, "entry"),
