@@ -243,7 +243,6 @@ def gguf_variants(base: Path, out: Path) -> Iterator[tuple[str, Path]]:
     yield patched("general.architecture = 'llama!'", lambda r: _set_string(r, "general.architecture", b"llama!"))
     for index in (0, len(reader.tensors) // 2, len(reader.tensors) - 1):
         tensor = reader.tensors[index]
-        parts = tensor.field.parts  # name length, name, n_dims, dims, type, offset
         for what, part, value in (("n_dims = 0", 2, 0), ("n_dims = 5", 2, 5), ("dim 0 = 0", 3, 0),
                                   ("dim 0 = 2**40", 3, 2**40), ("type = 99", 4, 99), ("type = F32", 4, 0),
                                   ("offset past the end", 5, 2**40), ("offset misaligned", 5, 1)):
