@@ -634,13 +634,9 @@ def _raw_socket(server: Server, name: str, data: bytes) -> Result:
 def area_hub(workdir: Path, quant: Path, args) -> Iterator[Result]:
     cat = catalog.load()
     filename = quant.name
-    other = workdir / "other.gguf"
-    w = gguf.GGUFWriter(other, "llama")
-    w.add_tensor("x.weight", np.zeros((4, 4), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    other = workdir / "other.gguf"  # the same file, another architecture
+    shutil.copyfile(quant, other)
+    _set_string(gguf.GGUFReader(other, "r+"), "general.architecture", b"llama!")
     cases: dict[str, Callable[[FakeHub], None]] = {
         "a good file (control)": lambda h: None,
         "ETag '../../x'": lambda h: h.sha_override.__setitem__(filename, "../../x"),
@@ -655,7 +651,7 @@ def area_hub(workdir: Path, quant: Path, args) -> Iterator[Result]:
         "connection drops mid-file": lambda h: setattr(h, "drop_after", 1000),
         "Range ignored after a drop": lambda h: (setattr(h, "drop_after", 1000), setattr(h, "ignore_range", True)),
         "not a GGUF (right sha256)": lambda h: h.files.__setitem__(filename, b"hello" * 1000),
-        "a llama GGUF (right sha256)": lambda h: h.files.__setitem__(filename, other.read_bytes()),
+        "another architecture's GGUF (right sha256)": lambda h: h.files.__setitem__(filename, other.read_bytes()),
         "an empty file": lambda h: h.files.__setitem__(filename, b""),
         "file missing on the Hub": lambda h: h.files.pop(filename),
     }

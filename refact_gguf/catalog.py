@@ -19,6 +19,13 @@ __all__ = ["Catalog", "ModelInfo", "Quant", "UnknownQuantError", "load", "readme
 GIB = 1024**3
 
 
+# What a Refact model's hyperparameters can be. A checkpoint's config.json and a GGUF's metadata
+# are both held to these: llama.cpp aborts (or divides by zero) on some values outside them, and a
+# config with a trillion layers converted for ever.
+HYPERPARAMETER_RANGES = {"n_layer": (1, 512), "n_ctx": (1, 1 << 20), "n_embd": (1, 1 << 16), "n_ff": (1, 1 << 18),
+                         "n_head": (1, 1024), "n_head_kv": (1, 1024), "n_vocab": (1, 1 << 20)}
+
+
 def ffn_width(n_embd: int) -> int:
     """Refact's SwiGLU width: 2/3 of 4·n_embd, rounded up to a multiple of 256 (5632 at 2048)."""
     hidden = int(2 * (4 * n_embd) / 3)

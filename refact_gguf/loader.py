@@ -21,6 +21,7 @@ import llama_cpp
 import numpy as np
 
 from . import llama_log
+from .catalog import HYPERPARAMETER_RANGES
 from .errors import ModelFileError
 
 ARCH = "refact"
@@ -127,17 +128,17 @@ def inspect(path: Path) -> GGUFInfo:
 
 _QUANT_SIZES = {int(k): v for k, v in gguf.GGML_QUANT_SIZES.items()}
 
-# What a Refact model's hyperparameters can be. llama.cpp aborts (or divides by zero) on some
-# values outside these, so a file is refused before it sees them.
-_INT_RANGES = {"block_count": (1, 512), "context_length": (1, 1 << 20), "embedding_length": (1, 1 << 16),
-               "feed_forward_length": (1, 1 << 18), "attention.head_count": (1, 1024), "attention.head_count_kv": (1, 1024)}
+# The GGUF keys of catalog.HYPERPARAMETER_RANGES: a file is refused before llama.cpp sees a value outside them.
+_GGUF_KEYS = {"block_count": "n_layer", "context_length": "n_ctx", "embedding_length": "n_embd",
+              "feed_forward_length": "n_ff", "attention.head_count": "n_head", "attention.head_count_kv": "n_head_kv"}
 
 
 def _check_hyperparameters(name: str, kv: dict) -> None:
     def bad(key: str, value) -> ModelFileError:
         return ModelFileError(f"{name} is corrupt: {ARCH}.{key} = {value!r} is not a possible value", "re-download or re-convert it")
 
-    for key, (lo, hi) in _INT_RANGES.items():
+    for key, hyperparameter in _GGUF_KEYS.items():
+        lo, hi = HYPERPARAMETER_RANGES[hyperparameter]
         value = kv.get(f"{ARCH}.{key}")
         if value is not None and (not isinstance(value, int) or not lo <= value <= hi):
             raise bad(key, value)

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..catalog import ffn_width
+from ..catalog import HYPERPARAMETER_RANGES, ffn_width
 from ..errors import CheckpointError
 
 ARCHITECTURE = "GPTRefactForCausalLM"
@@ -77,13 +77,10 @@ class RefactConfig:
             raise CheckpointError(f"config.json lacks {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"config.json has a bad value: {e}") from None
-        # Upper bounds: what a GGUF's uint32 holds, and what the loader accepts (≤ 512 layers); a
-        # trillion layers ran for ever, a trillion positions failed to pack (fault suite).
-        for field_name, most in (("n_layer", 512), ("n_embd", 1 << 20), ("n_head", 1 << 16), ("n_ctx", 2**31 - 1),
-                                 ("n_vocab", 1 << 20)):
-            value = getattr(config, field_name)
-            if not 0 < value <= most:
-                raise CheckpointError(f"config.json: {field_name} is {value}, it must be between 1 and {most}")
+        for field_name in ("n_layer", "n_embd", "n_head", "n_ctx", "n_vocab"):  # what the loader will accept
+            value, (least, most) = getattr(config, field_name), HYPERPARAMETER_RANGES[field_name]
+            if not least <= value <= most:
+                raise CheckpointError(f"config.json: {field_name} is {value}, it must be between {least} and {most}")
         if not 0 < config.eps < 1:
             raise CheckpointError(f"config.json: layer_norm_epsilon {config.eps} is not a usable epsilon")
         if config.n_embd % config.n_head:

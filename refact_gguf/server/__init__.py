@@ -76,8 +76,9 @@ def create_app(engine: Engine, model_name: str, keys: ApiKeys | str | None = Non
 
 
 class _Guard:
-    """API key and body size, checked before anything is read (every body read as JSON), and the body's size and pace while
-    it is read (a chunked body has no Content-Length; a stalled one would hold its connection). A
+    """API key and body size, checked before anything is read (every body read as JSON), and the
+    body's size and pace while it is read (a chunked body has no Content-Length; a stalled one would
+    hold its connection). A
     plain ASGI middleware: Starlette's BaseHTTPMiddleware would tell a streaming response that its
     client had disconnected."""
 

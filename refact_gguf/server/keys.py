@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -37,15 +36,11 @@ class ApiKeys:
 
     def __init__(self, key: str | None = None, path: Path | None = None):
         self.path = Path(path) if path is not None else None
-        self._lock = threading.Lock()
         self._people: dict[bytes, str] = {_digest(key): "the --api-key"} if key is not None else {}
         self._seen: tuple | None = None
         self._checked = 0.0
         if self.path is not None:
             self._people, self._seen = self._read()  # at start, a bad file is an error
-
-    def __len__(self) -> int:
-        return len(self._people)
 
     def person(self, authorization: str) -> str | None:
         """Whose key the header carries, or None if it carries none of them."""
@@ -62,10 +57,10 @@ class ApiKeys:
         try:
             people, seen = self._read()
         except RefactGGUFError as e:
+            self._seen = self._stat()  # tried once: read it again when it changes next
             log.warning("%s; the %d keys read before stay", e, len(self._people))
             return
-        with self._lock:
-            before, self._people, self._seen = len(self._people), people, seen
+        before, self._people, self._seen = len(self._people), people, seen
         log.warning("keys file %s read again: %d keys (%d before)", self.path, len(people), before)
 
     def _reload_if_changed(self) -> None:
