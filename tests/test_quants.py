@@ -93,3 +93,23 @@ def test_imatrix_files_round_trip_in_llama_cpp_formats(all_quants, tmp_path):
     loaded = Imatrix.load(legacy)
     assert np.allclose(loaded.mean_sq(name), original.mean_sq(name), rtol=1e-5)
     assert (loaded.dataset, loaded.chunks) == ("code", 8)
+
+
+def test_ctrl_c_while_quantizing_exits_130_and_leaves_no_partial_file(tmp_path):
+    """The interrupt handler runs inside llama.cpp's log callback and leaves with os._exit, which
+    skips atomic_output's cleanup: the partial output (the fault suite found one) goes first."""
+    import subprocess
+    import sys
+
+    partial = tmp_path / ".Refact-1_6B-fim.Q4_K_M.gguf.1.partial"
+    partial.write_bytes(b"GGUF" + b"\0" * 1000)
+    code = ("import os, signal, sys, time\n"
+            "from pathlib import Path\n"
+            "from refact_gguf.convert.quantize import _exit_on_ctrl_c\n"
+            "with _exit_on_ctrl_c(Path(sys.argv[1])):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(30)\n"
+            "sys.exit(0)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(partial)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and "interrupted" in proc.stderr
+    assert not partial.exists()

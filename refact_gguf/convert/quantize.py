@@ -57,15 +57,16 @@ def _kv_overrides(items: dict[str, int | str]) -> ctypes.Array:
 
 
 @contextmanager
-def _exit_on_ctrl_c() -> Iterator[None]:
+def _exit_on_ctrl_c(partial: Path) -> Iterator[None]:
     """Ctrl-C while llama.cpp quantizes: Python raises KeyboardInterrupt inside the log callback,
-    where ctypes swallows it, and quantizing went on. Exit at once instead (130, as for SIGINT);
-    the next run removes the partial file (writer.atomic_output)."""
+    where ctypes swallows it, and quantizing went on. Exit at once instead (130, as for SIGINT),
+    removing the `partial` output first (an exit this abrupt skips atomic_output's own cleanup)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum, frame):
+        partial.unlink(missing_ok=True)  # llama.cpp may still hold it open: the name goes, the space with the process
         os.write(2, b"\ninterrupted\n")
         os._exit(130)
 
@@ -103,7 +104,7 @@ def quantize(
             on_tensor(int(m[1]), int(m[2]))
 
     with atomic_output(out) as tmp, llama_log.capture_errors() as errors, llama_log.listen(progress):
-        with _exit_on_ctrl_c():
+        with _exit_on_ctrl_c(tmp):
             status = llama_cpp.llama_model_quantize(str(base).encode(), str(tmp).encode(), ctypes.byref(params))
         if status != 0:
             reason = next((e for e in reversed(errors) if "error" in e.lower() or "requires" in e.lower()), None)
