@@ -12,11 +12,12 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from ..catalog import ffn_width
+from .writer import atomic_output
 
 SYNTHETIC_NAME = "Refact-1_6B-fim-SYNTHETIC-random-weights"
 _TORCH_DTYPE = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", None)}
@@ -102,37 +103,43 @@ def _encode(values: np.ndarray, dtype: str) -> bytes:
 
 def write_checkpoint(directory: Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
     """Write config.json, model.safetensors and the tokenizer files; tensors are streamed."""
+    shape = {"n_layer": spec.n_layer, "n_embd": spec.n_embd, "n_head": spec.n_head, "n_positions": spec.n_ctx,
+             "vocab_size": spec.n_vocab, "tie_word_embeddings": spec.tied}
+    return write_hf_checkpoint(directory, SYNTHETIC_NAME, shape, _tensors(spec), spec.dtype)
+
+
+def write_hf_checkpoint(directory: Path, name: str, shape: dict, tensors: Iterable[tuple[str, tuple[int, ...], Callable]],
+                        dtype: str = "float32") -> Path:
+    """A GPTRefactForCausalLM checkpoint as Refact's own: config.json (`shape` gives n_layer, n_embd,
+    n_head, n_positions, vocab_size, tie_word_embeddings), model.safetensors from `tensors`
+    ((HF name, shape, make) in order, `make()` giving float32 values when written) and the
+    tokenizer files. Also used for the trained stand-in (scripts/train_standin.py)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {
         "architectures": ["GPTRefactForCausalLM"],
         "model_type": "gpt_refact",
-        "_name_or_path": SYNTHETIC_NAME,
-        "n_layer": spec.n_layer,
-        "n_embd": spec.n_embd,
-        "n_head": spec.n_head,
-        "n_positions": spec.n_ctx,
-        "vocab_size": spec.n_vocab,
+        "_name_or_path": name,
+        **shape,
         "layer_norm_epsilon": 1e-5,
         "multi_query": True,
         "bos_token_id": -1,
         "eos_token_id": 0,
-        "tie_word_embeddings": spec.tied,
-        "torch_dtype": spec.dtype,
+        "torch_dtype": dtype,
     }
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     (directory / "tokenizer.json").write_text(tokenizer_json(), encoding="utf-8")
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-        "model_max_length": spec.n_ctx, "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": shape["n_positions"], "tokenizer_class": "GPT2Tokenizer",
     }, indent=2))
     (directory / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
     }, indent=2))
 
-    st_dtype = _TORCH_DTYPE[spec.dtype][0]
-    itemsize = 4 if spec.dtype == "float32" else 2
-    tensors = list(_tensors(spec))
+    st_dtype = _TORCH_DTYPE[dtype][0]
+    itemsize = 4 if dtype == "float32" else 2
+    tensors = list(tensors)
     header, offset = {}, 0
     for name, shape, _ in tensors:
         n = int(np.prod(shape)) * itemsize
@@ -141,9 +148,9 @@ def write_checkpoint(directory: Path, spec: SyntheticSpec = SyntheticSpec()) -> 
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(directory / "model.safetensors", "wb") as f:
+    with atomic_output(directory / "model.safetensors") as tmp, open(tmp, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for _, _, make in tensors:
-            f.write(_encode(make(), spec.dtype))
+            f.write(_encode(make(), dtype))
     return directory
