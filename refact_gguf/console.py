@@ -76,3 +76,17 @@ def llama_output(verbose: bool) -> None:
     for problem in build_problems():
         err.print(f"[yellow]warning:[/] llama.cpp build problem: {escape(problem)}", soft_wrap=True)
         err.print("  → rebuild it: bash scripts/setup.sh", soft_wrap=True)
+
+
+def humaneval_table(scores):
+    """`eval --humaneval`'s table: one row per model and task set."""
+    from rich.table import Table
+
+    table = Table(title="HumanEval, greedy, through the server's own task builders and stop rules")
+    for col in ("model", "task set", "FIM", "n", "pass@1", "exact", "tokens", "s/task", "stopped by"):
+        table.add_column(col, justify="left" if col in ("model", "task set", "FIM", "stopped by") else "right")
+    for s in scores:
+        stops = ", ".join(f"{k} {v}" for k, v in list(s.stops.items())[:3])
+        table.add_row(s.model.removesuffix(".gguf"), s.kind, s.order or "—", str(s.tasks), f"{s.pass1:.1%}",
+                      "—" if s.exact is None else f"{s.exact:.1%}", f"{s.mean_tokens:.1f}", f"{s.s_per_task:.2f}", stops)
+    return table

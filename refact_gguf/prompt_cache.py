@@ -28,6 +28,7 @@ import numpy as np
 
 from .errors import OutputError
 from .runtime import common_prefix
+from .userdirs import cache_root
 
 MAGIC = b"RGGUFKV1"
 _HEAD = struct.Struct("<8sI")  # magic, length of the JSON header that follows
@@ -35,8 +36,7 @@ _HEAD = struct.Struct("<8sI")  # magic, length of the JSON header that follows
 
 def default_directory() -> Path:
     """Where saved states live: the user's cache directory (XDG_CACHE_HOME, else ~/.cache)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "refact-gguf" / "kv"
+    return cache_root() / "kv"
 
 
 def default_memory_mb() -> int:

@@ -11,6 +11,7 @@ import psutil
 from . import catalog
 from .catalog import Catalog, Quant
 from .errors import ModelFileError, RefactGGUFError
+from .userdirs import cache_root
 
 MIB = 1 << 20
 # Python, numpy, llama.cpp's runtime and the 49k-token vocabulary, fitted to the peak RSS of a
@@ -137,8 +138,7 @@ def resolve_model(ref: str | Path | None) -> Path:
 def synthetic_path() -> Path:
     """Where quickstart builds its synthetic model when the Hub is out of reach."""
     cat = catalog.load()
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "refact-gguf" / "synthetic"
-    return root / cat.get("Q4_K_M").filename(cat.model)
+    return cache_root() / "synthetic" / cat.get("Q4_K_M").filename(cat.model)
 
 
 def gpu_layers(setting: str | int, model_path: Path) -> int:
