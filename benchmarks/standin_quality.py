@@ -59,17 +59,17 @@ def examples(records: list[dict], n: int = 6) -> list[dict]:
 
 def markdown(result: dict) -> str:
     lines = [f"Stand-in: {result['training'].get('name')} — {result['training'].get('parameters', 0) / 1e6:.1f}M parameters, "
-             f"{result['training'].get('tokens_seen', 0) / 1e6:.0f}M tokens seen, held-out loss "
+             f"{result['training'].get('tokens_seen', 0) / 1e6:.2f}M tokens seen, held-out loss "
              f"{(result['training'].get('curve') or [{}])[-1].get('held_out_loss')}, device {result['training'].get('device')}.", "",
              "| conversion | tokens | mean KL vs PyTorch | max KL | top-1 |", "|---|---|---|---|---|"]
     for name, f in result["fidelity"].items():
         lines.append(f"| {name} | {f['tokens']} | {f['mean_kl']:.2e} | {f['max_kl']:.2e} | {f['top1']:.1%} |")
     sets = [k for k in ("complete ", "line spm", "block spm", "line psm", "block psm") if any(k.strip() in q["humaneval"] for q in result["quants"])]
     lines += ["", "| quant | GiB | KL vs F16 | top-1 vs F16 | " + " | ".join(f"{s.strip()} pass@1" for s in sets)
-              + " | line exact | block exact | tokens/s (tg) |", "|---" * (6 + len(sets)) + "|"]
+              + " | line exact | block exact | tokens/s (tg) |", "|---" * (7 + len(sets)) + "|"]
     for q in result["quants"]:
         he = q["humaneval"]
-        cells = [q["name"], f"{q['size_gib']:.3f}", f"{q['mean_kl']:.4f}" if q["mean_kl"] is not None else "—",
+        cells = [q["name"], f"{q['size_gib']:.3f}", f"{q['mean_kl']:.2e}" if q["mean_kl"] is not None else "—",
                  f"{q['top1']:.1%}" if q["top1"] is not None else "—"]
         cells += [f"{he[s.strip()]['pass1']:.1%}" if s.strip() in he else "—" for s in sets]
         cells += [f"{he[k]['exact']:.1%}" if k in he else "—" for k in ("line spm", "block spm")]
