@@ -38,23 +38,16 @@ def log(msg: str) -> None:
 def examples(records: list[dict], n: int = 6) -> list[dict]:
     """Answers of the best model that failed on an exact-length question: where a rule cut a
     right start short, and where the model ran on past the hidden text."""
-    picked = []
+    cut, ran_on = [], []
     for r in records:
         if r["kind"] == "complete" or r["exact"]:
             continue
         answer, expected = r["answer"].strip(), r["expected"].strip()
         if answer and expected.startswith(answer) and r["stop_reason"] in ("dedent", "blank line", "repeats suffix"):
-            picked.append({**r, "why": f"cut short by '{r['stop_reason']}'"})
+            cut.append({**r, "why": f"cut short by '{r['stop_reason']}'"})
         elif answer.startswith(expected) and len(answer) > len(expected):
-            picked.append({**r, "why": f"ran on past the hidden text, stopped by '{r['stop_reason']}'"})
-    seen, out = set(), []
-    for r in picked:
-        if r["why"].split(" '")[0] + r["kind"] not in seen or len(out) < n // 2:
-            seen.add(r["why"].split(" '")[0] + r["kind"])
-            out.append(r)
-        if len(out) >= n:
-            break
-    return out
+            ran_on.append({**r, "why": f"ran on past the hidden text, stopped by '{r['stop_reason']}'"})
+    return cut[: n // 2] + ran_on[: n - min(len(cut), n // 2)]
 
 
 def markdown(result: dict) -> str:
@@ -131,7 +124,7 @@ def main() -> None:
         result["quants"].append({
             "name": name, "size_gib": path.stat().st_size / 2**30, "mean_kl": q.mean_kl if q else None,
             "top1": q.top1_agreement if q else None, "pp_tps": b.pp_tps, "tg_tps": b.tg_tps,
-            "humaneval": {f"{s.kind} {s.order}".strip(): s.as_dict() for s in scores},
+            "humaneval": {s.task_set: s.as_dict() for s in scores},
         })
         (a.out / "quality.json").write_text(json.dumps(result, indent=1))
     result["stop_rule_fit"] = {k: dict(v) for k, v in humaneval.stop_rule_fit(problems).items()}

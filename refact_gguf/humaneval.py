@@ -164,6 +164,11 @@ class Score:
     s_per_task: float  # wall time of generation / tasks (batched: several run at once)
     stops: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def task_set(self) -> str:
+        """'complete', 'line spm', 'block psm', …"""
+        return f"{self.kind} {self.order}".strip()
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -232,11 +237,10 @@ def stop_rule_fit(problems: list[Problem], kinds: tuple[str, ...] = ("line", "bl
     for case in cases(problems, kinds):
         task = tasks.fim(lambda t: [0] * (len(t) // 4 + 1), 1 << 20, case.prefix, case.suffix, max_tokens=INFILL_TOKENS)
         rules: StopRules = task.rules
-        stream = case.expected + case.suffix
-        for ch in stream:
+        for ch in case.expected + case.suffix:
             if rules.feed(ch):
                 break
-        got = rules.final() if rules.stopped is None else rules.text
+        got = rules.final()
         if got.rstrip() == case.expected.rstrip():
             fit[case.kind]["exact"] += 1
         elif len(got.rstrip()) < len(case.expected.rstrip()):
@@ -260,7 +264,7 @@ def run(paths: list[Path], problems_file: Path | None = None, n_problems: int | 
         all_scores += scores
         all_records += [{"model": Path(path).name, **r} for r in records]
         if problems_file is None and n_problems is None:
-            measured.record(path, {f"{s.kind} {s.order}".strip(): s.pass1 for s in scores})
+            measured.record(path, {s.task_set: s.pass1 for s in scores})
     if samples is not None:
         with atomic_output(Path(samples)) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in all_records))

@@ -8,7 +8,6 @@ again shows none until it is measured again. Kept in the user's cache as quality
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -36,15 +35,16 @@ def _read() -> dict:
 
 def record(path: Path, pass1: dict[str, float]) -> None:
     """Keep `pass1` (task set → share passed, e.g. {"complete": 0.31, "line spm": 0.7}) for `path`."""
+    from .convert.writer import atomic_output  # not at import: list and recommend only read
+
     path = Path(path).resolve()
     target = store()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)  # for the lock, before atomic_output would make it
     with FileLock(str(target) + ".lock"):
         data = _read()
         data[str(path)] = {**_identity(path), "humaneval_pass1": pass1, "measured": time.strftime("%Y-%m-%d")}
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, target)
+        with atomic_output(target) as tmp:
+            tmp.write_text(json.dumps(data, indent=1))
 
 
 def lookup(path: Path | None) -> dict[str, float] | None:

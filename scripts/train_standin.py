@@ -228,7 +228,7 @@ def build_model(s: Settings, n_vocab: int = 49216):
         def alibi(self, T: int, device):
             pos = torch.arange(T, device=device)
             distance = (pos[:, None] - pos[None, :]).float()
-            bias = -self.slopes.to(device)[:, None, None] * distance
+            bias = -self.slopes[:, None, None] * distance
             return bias.masked_fill(distance < 0, float("-inf"))[None]  # [1, H, T, T]
 
         def forward(self, ids):
