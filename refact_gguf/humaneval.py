@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import tasks
-from .errors import RefactGGUFError
+from .errors import OutputError, RefactGGUFError
 from .progress import Progress
 from .sandbox import Limits, Outcome, run_programs
 from .tasks import Completion, StopRules, Task
@@ -257,6 +257,14 @@ def run(paths: list[Path], problems_file: Path | None = None, n_problems: int | 
     figures of a run over all 164 problems kept for `list` and `recommend` (measured.record)."""
     from . import measured
 
+    if samples is not None:  # found out now, not after hours of generation
+        try:
+            Path(samples).parent.mkdir(parents=True, exist_ok=True)
+            writable = os.access(Path(samples).parent, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:
+            raise OutputError(f"cannot write {samples}", "choose another --samples path")
     problems = load_problems(problems_file)[:n_problems]
     all_scores, all_records = [], []
     for path in paths:

@@ -127,6 +127,8 @@ def test_eval_humaneval_on_the_synthetic_model(q4_model, tmp_path, monkeypatch):
 def test_bad_choices_and_a_missing_package_are_one_line_errors(q4_model, monkeypatch):
     r = CliRunner().invoke(app, ["eval", "--humaneval", "-m", str(q4_model), "--kinds", "lines"])
     assert r.exit_code == 2 and "choose from complete, line, block" in r.output
+    r = CliRunner().invoke(app, ["eval", "--humaneval", "-m", str(q4_model), "--samples", "/proc/nowhere/answers.jsonl"])
+    assert r.exit_code == 1 and "cannot write /proc/nowhere/answers.jsonl" in r.output and "--samples" in r.output
     import importlib.resources
 
     def gone(name):
