@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -72,63 +75,106 @@ def markdown(result: dict) -> str:
     for kind, counts in result["stop_rule_fit"].items():
         total = sum(counts.values())
         lines.append(f"- {kind}: " + ", ".join(f"{k} {v} ({v / total:.0%})" for k, v in counts.items()))
+    if result.get("examples"):
+        lines += ["", "Where F16's answers and the hidden text part (the answer as the stop rules left it):"]
+    for e in result.get("examples", []):
+        lines += ["", f"- {e['task_id']} ({e['kind']}, {e['order']}): {e['why']}", "", "  hidden:", "", "  ```python",
+                  *("  " + ln for ln in e["expected"].splitlines()), "  ```", "", "  answer:", "", "  ```python",
+                  *("  " + ln for ln in e["answer"].splitlines()), "  ```"]
     return "\n".join(lines) + "\n"
+
+
+def _humaneval_job(name: str, path: str, n_problems: int | None, orders: tuple[str, ...], parallel: int,
+                   threads: int | None, gpu_layers: str, test_parallel: int) -> tuple[str, dict[str, dict], list[dict]]:
+    """One model's HumanEval, in a worker process of its own (models run side by side on one GPU)."""
+    scores, records = humaneval.evaluate(Path(path), humaneval.load_problems()[:n_problems], humaneval.KINDS, orders,
+                                         parallel, threads, gpu_layers, test_parallel=test_parallel)
+    return name, {s.task_set: s.as_dict() for s in scores}, records
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="checkpoint and GGUFs go here")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="quality.json and quality.md; a run stopped part way "
+                   "goes on from the quality.json it left here")
     p.add_argument("--checkpoint", type=Path, help="a trained checkpoint (skip training)")
     p.add_argument("--steps", type=int, default=Settings.steps)
+    p.add_argument("--minutes", type=float, default=0.0, help="training budget (see train_standin.py)")
     p.add_argument("--quants", default="all")
     p.add_argument("--problems", type=int, default=None, help="only the first N HumanEval problems")
     p.add_argument("--orders", default="spm,psm")
-    p.add_argument("--parallel", type=int, default=1, help="HumanEval tasks at once (engine slots)")
+    p.add_argument("--parallel", type=int, default=1, help="HumanEval tasks at once per model (engine slots)")
+    p.add_argument("--jobs", type=int, default=1, help="models evaluated at once, each in its own process")
     p.add_argument("--gpu-layers", default="0")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    report = a.out / "quality.json"
 
     ckpt = a.checkpoint or a.work / "checkpoint"
     if a.checkpoint is None and not (ckpt / "model.safetensors").is_file():
-        log(f"training the stand-in ({a.steps} steps)")
-        train(Settings(steps=a.steps), ckpt, default_sources(), log=log)
-    training = json.loads((ckpt / "training.json").read_text()) if (ckpt / "training.json").is_file() else {}
-    quants = catalog.load().select(a.quants)
-    gguf = a.work / "gguf"
-    log("convert: F32 + quants, and F16")
-    done = convert(ckpt, gguf, "f32", quants, threads=a.threads)
-    convert(ckpt, a.work / "gguf-f16", "f16", [], threads=a.threads)
-    f32 = next(gguf.glob("*.F32.gguf"))
-    f16 = next((a.work / "gguf-f16").glob("*.F16.gguf"))
-    text = (Path(__file__).resolve().parents[1] / "refact_gguf" / "fim.py").read_text()  # code the stand-in never saw
-    result = {"training": training, "fidelity": {}, "quants": [], "stop_rule_fit": {}, "examples": []}
-    for name, path in (("F32", f32), ("F16", f16)):
-        result["fidelity"][name] = fidelity(ckpt, path, text, threads=a.threads)
-        log(f"fidelity {name}: {result['fidelity'][name]}")
+        log(f"training the stand-in ({a.steps} steps, budget {a.minutes or 'none'} min)")
+        train(Settings(steps=a.steps, minutes=a.minutes), ckpt, default_sources(), log=log)
+    result = json.loads(report.read_text()) if report.is_file() else {"fidelity": {}, "quants": [], "files": {}}
+    result["training"] = json.loads((ckpt / "training.json").read_text()) if (ckpt / "training.json").is_file() else {}
 
-    models = [("F16", f16)] + [(q.name, done.quants[q.name]) for q in quants]
-    kl = {Path(r.model).name: r for r in evaluate(f16, [m for _, m in models[1:]], threads=a.threads)} if quants else {}
-    problems = humaneval.load_problems()[: a.problems]
+    def save() -> None:
+        report.write_text(json.dumps(result, indent=1))
+
+    quants = catalog.load().select(a.quants)
+    if not all(Path(f).is_file() for f in result["files"].values()) or not result["files"]:
+        log("convert: F32 + quants, and F16")
+        done = convert(ckpt, a.work / "gguf", "f32", quants, threads=a.threads)
+        convert(ckpt, a.work / "gguf-f16", "f16", [], threads=a.threads)
+        result["files"] = {"F32": str(next((a.work / "gguf").glob("*.F32.gguf"))),
+                           "F16": str(next((a.work / "gguf-f16").glob("*.F16.gguf"))),
+                           **{q.name: str(done.quants[q.name]) for q in quants}}
+        save()
+    files = {name: Path(f) for name, f in result["files"].items()}
+    text = (Path(__file__).resolve().parents[1] / "refact_gguf" / "fim.py").read_text()  # code the stand-in never saw
+    for name in ("F32", "F16"):
+        if name not in result["fidelity"]:
+            result["fidelity"][name] = fidelity(ckpt, files[name], text, threads=a.threads)
+            log(f"fidelity {name}: {result['fidelity'][name]}")
+            save()
+
+    models = ["F16"] + [q.name for q in quants]
+    entries = {q["name"]: q for q in result["quants"]}
+    for name in models:
+        entries.setdefault(name, {"name": name, "size_gib": files[name].stat().st_size / 2**30})
+    result["quants"] = [entries[name] for name in models]
+    if any("mean_kl" not in entries[name] for name in models[1:]):
+        log("KL and top-1 against F16")
+        for r in evaluate(files["F16"], [files[name] for name in models[1:]], threads=a.threads):
+            entry = next(entries[n] for n in models[1:] if files[n].name == Path(r.model).name)
+            entry.update(mean_kl=r.mean_kl, top1=r.top1_agreement)
+        entries["F16"].update(mean_kl=None, top1=None)
+        save()
+
+    todo = [name for name in models if "humaneval" not in entries[name]]
     orders = tuple(a.orders.split(","))
-    for name, path in models:
-        log(f"HumanEval {name}")
-        scores, records = humaneval.evaluate(path, problems, humaneval.KINDS, orders if name == "F16" else ("spm",),
-                                             a.parallel, a.threads, a.gpu_layers)
-        if name == "F16":
-            result["examples"] = examples(records)
-            (a.out / "samples_f16.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        b = bench(path, a.threads, a.gpu_layers, 512, 128, 3, isolate=False)
-        q = kl.get(path.name)
-        result["quants"].append({
-            "name": name, "size_gib": path.stat().st_size / 2**30, "mean_kl": q.mean_kl if q else None,
-            "top1": q.top1_agreement if q else None, "pp_tps": b.pp_tps, "tg_tps": b.tg_tps,
-            "humaneval": {s.task_set: s.as_dict() for s in scores},
-        })
-        (a.out / "quality.json").write_text(json.dumps(result, indent=1))
-    result["stop_rule_fit"] = {k: dict(v) for k, v in humaneval.stop_rule_fit(problems).items()}
-    (a.out / "quality.json").write_text(json.dumps(result, indent=1))
+    cpus = os.cpu_count() or 1
+    log(f"HumanEval: {len(todo)} models, {a.jobs} at once")
+    with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(_humaneval_job, name, str(files[name]), a.problems, orders if name == "F16" else ("spm",),
+                            a.parallel, max(1, (a.threads or cpus) // a.jobs), a.gpu_layers, max(1, cpus // a.jobs))
+                for name in todo]
+        for job in as_completed(jobs):
+            name, scores, records = job.result()
+            entries[name]["humaneval"] = scores
+            if name == "F16":
+                result["examples"] = examples(records)
+                (a.out / "samples_f16.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            log(f"HumanEval {name}: " + ", ".join(f"{k} {v['pass1']:.1%}" for k, v in entries[name]["humaneval"].items()))
+            save()
+
+    for name in models:  # timed one at a time, with nothing else running
+        if "tg_tps" not in entries[name]:
+            b = bench(files[name], a.threads, a.gpu_layers, 512, 128, 3, isolate=False)
+            entries[name].update(pp_tps=b.pp_tps, tg_tps=b.tg_tps)
+            save()
+    result["stop_rule_fit"] = {k: dict(v) for k, v in humaneval.stop_rule_fit(humaneval.load_problems()[: a.problems]).items()}
+    save()
     (a.out / "quality.md").write_text(markdown(result))
     print(markdown(result))
 

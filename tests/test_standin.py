@@ -96,3 +96,17 @@ def test_same_seed_same_weights_and_the_gguf_computes_what_torch_computes(source
     assert check["tokens"] == 256
     assert check["max_kl"] < 1e-6, check
     assert check["top1"] > 0.95, check
+
+
+def test_a_time_budget_cuts_the_steps_and_that_count_replays_the_run(sources, tmp_path):
+    from dataclasses import replace
+
+    budgeted = train(replace(TINY, steps=1000, warmup=5, minutes=1e-5), tmp_path / "a", [sources], "cpu", log=lambda m: None)
+    steps = budgeted["settings"]["steps"]
+    assert steps == 6  # cut at the warm-up's end (the budget is spent by then): one step more
+    assert budgeted["budget_minutes"] == 1e-5
+    replayed = train(replace(TINY, steps=steps, warmup=5), tmp_path / "b", [sources], "cpu", log=lambda m: None)
+    assert replayed["budget_minutes"] is None
+    for d in ("a", "b"):
+        assert (tmp_path / d / "model.safetensors").is_file()
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
