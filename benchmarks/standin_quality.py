@@ -38,19 +38,36 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+RULES = ("dedent", "blank line", "repeats suffix")
+
+
 def examples(records: list[dict], n: int = 6) -> list[dict]:
-    """Answers of the best model that failed on an exact-length question: where a rule cut a
-    right start short, and where the model ran on past the hidden text."""
+    """F16's infill answers where a stop rule ended a right start at a line break the hidden text
+    goes on past, and where a right answer ran on past the hidden text."""
     cut, ran_on = [], []
     for r in records:
         if r["kind"] == "complete" or r["exact"]:
             continue
-        answer, expected = r["answer"].strip(), r["expected"].strip()
-        if answer and expected.startswith(answer) and r["stop_reason"] in ("dedent", "blank line", "repeats suffix"):
-            cut.append({**r, "why": f"cut short by '{r['stop_reason']}'"})
-        elif answer.startswith(expected) and len(answer) > len(expected):
+        answer, expected = r["answer"].rstrip(), r["expected"].rstrip()
+        if answer.strip() and expected.startswith(answer + "\n") and r["stop_reason"] in RULES:
+            cut.append({**r, "why": f"stopped by '{r['stop_reason']}' where the hidden text goes on"})
+        elif answer.startswith(expected + "\n"):
             ran_on.append({**r, "why": f"ran on past the hidden text, stopped by '{r['stop_reason']}'"})
     return cut[: n // 2] + ran_on[: n - min(len(cut), n // 2)]
+
+
+def first_line_cut(records: list[dict]) -> dict[str, dict]:
+    """The single-line tasks scored again with each answer cut at its first line break: what a
+    rule that ends single-line holes at the newline would score, beside the product's rules."""
+    line = [r for r in records if r["kind"] == "line"]
+    orders = tuple(dict.fromkeys(r["order"] for r in line))
+    # The records are in the order `cases` builds them (a line's text alone may occur twice in a problem).
+    ids = {r["task_id"] for r in line}
+    line_cases = humaneval.cases([q for q in humaneval.load_problems() if q.task_id in ids], ("line",), orders)
+    assert [(c.problem.task_id, c.order, c.expected) for c in line_cases] == [(r["task_id"], r["order"], r["expected"]) for r in line]
+    answers = [humaneval.Answer(c, r["answer"].split("\n", 1)[0], r["stop_reason"], r["tokens"]) for c, r in zip(line_cases, line)]
+    scores, _ = humaneval.score("first line", answers, 1.0)
+    return {s.task_set: {"pass1": s.pass1, "exact": s.exact} for s in scores}
 
 
 def markdown(result: dict) -> str:
@@ -75,12 +92,18 @@ def markdown(result: dict) -> str:
     for kind, counts in result["stop_rule_fit"].items():
         total = sum(counts.values())
         lines.append(f"- {kind}: " + ", ".join(f"{k} {v} ({v / total:.0%})" for k, v in counts.items()))
+    if result.get("first_line_cut"):
+        he = next(q["humaneval"] for q in result["quants"] if q["name"] == "F16")
+        lines += ["", "F16's single-line answers cut at their first line break, against the product's rules:", "",
+                  "| task set | pass@1 (product's rules) | pass@1 (first line) | exact (rules) | exact (first line) |", "|---|---|---|---|---|"]
+        for task_set, cut in result["first_line_cut"].items():
+            lines.append(f"| {task_set} | {he[task_set]['pass1']:.1%} | {cut['pass1']:.1%} | {he[task_set]['exact']:.1%} | {cut['exact']:.1%} |")
     if result.get("examples"):
         lines += ["", "Where F16's answers and the hidden text part (the answer as the stop rules left it):"]
     for e in result.get("examples", []):
         lines += ["", f"- {e['task_id']} ({e['kind']}, {e['order']}): {e['why']}", "", "  hidden:", "", "  ```python",
                   *("  " + ln for ln in e["expected"].splitlines()), "  ```", "", "  answer:", "", "  ```python",
-                  *("  " + ln for ln in e["answer"].splitlines()), "  ```"]
+                  *("  " + ln for ln in e["answer"].splitlines()[:8]), *(["  …"] if e["answer"].count("\n") >= 8 else []), "  ```"]
     return "\n".join(lines) + "\n"
 
 
@@ -94,7 +117,7 @@ def _humaneval_job(name: str, path: str, n_problems: int | None, orders: tuple[s
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, required=True, help="checkpoint and GGUFs go here")
+    p.add_argument("--work", type=Path, help="checkpoint and GGUFs go here")
     p.add_argument("--out", type=Path, required=True, help="quality.json and quality.md; a run stopped part way "
                    "goes on from the quality.json it left here")
     p.add_argument("--checkpoint", type=Path, help="a trained checkpoint (skip training)")
@@ -107,7 +130,12 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="models evaluated at once, each in its own process")
     p.add_argument("--gpu-layers", default="0")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--render", action="store_true", help="only write quality.md again from --out's quality.json and samples")
     a = p.parse_args()
+    if a.render:
+        return render(a.out)
+    if a.work is None:
+        p.error("--work is required")
     a.out.mkdir(parents=True, exist_ok=True)
     report = a.out / "quality.json"
 
@@ -163,7 +191,6 @@ def main() -> None:
             name, scores, records = job.result()
             entries[name]["humaneval"] = scores
             if name == "F16":
-                result["examples"] = examples(records)
                 (a.out / "samples_f16.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
             log(f"HumanEval {name}: " + ", ".join(f"{k} {v['pass1']:.1%}" for k, v in entries[name]["humaneval"].items()))
             save()
@@ -175,7 +202,19 @@ def main() -> None:
             save()
     result["stop_rule_fit"] = {k: dict(v) for k, v in humaneval.stop_rule_fit(humaneval.load_problems()[: a.problems]).items()}
     save()
-    (a.out / "quality.md").write_text(markdown(result))
+    render(a.out)
+
+
+def render(out: Path) -> None:
+    """quality.md from quality.json, with what F16's answers (samples_f16.jsonl) say of the stop rules."""
+    result = json.loads((out / "quality.json").read_text())
+    samples = out / "samples_f16.jsonl"
+    if samples.is_file():
+        records = [json.loads(line) for line in samples.read_text().splitlines()]
+        result["examples"] = examples(records)
+        result["first_line_cut"] = first_line_cut(records)
+        (out / "quality.json").write_text(json.dumps(result, indent=1))
+    (out / "quality.md").write_text(markdown(result))
     print(markdown(result))
 
 

@@ -114,7 +114,11 @@ def cases(problems: list[Problem], kinds: tuple[str, ...] = KINDS, orders: tuple
     for p in problems:
         lines = p.canonical_solution.splitlines(keepends=True)
         if "complete" in kinds:
-            out.append(Case(p, "complete", "", p.prompt, "", p.canonical_solution))
+            # The prompt without its trailing newline, as the card's harness (bigcode's) sends it: a prompt
+            # ending in a lone "\n" token splits the "\n    " token every indented line starts with, and
+            # the model then sees a boundary it never met in training (a stand-in answered ")" or nothing).
+            prompt = p.prompt.rstrip()
+            out.append(Case(p, "complete", "", prompt, "", p.prompt[len(prompt):] + p.canonical_solution))
         spans = []
         if "line" in kinds:
             spans += [(i, i + 1, "line") for i, ln in enumerate(lines) if ln.strip()]

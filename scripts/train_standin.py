@@ -5,7 +5,7 @@ weights that are not random.
 
 Architecture: GPTRefactForCausalLM as released (ALiBi with max bias 8, one KV head, LayerNorm
 without bias, SwiGLU of width ffn_width(n_embd), separate head, the real 49,216-token vocabulary),
-smaller: by default 8 layers of width 768 (12 heads of 64), ~125M parameters with the embeddings.
+smaller: by default 12 layers of width 512 (8 heads of 64), ~83M parameters with the embeddings.
 Objective: next token on code, half of the windows rearranged for fill-in-the-middle, SPM and PSM
 in equal shares, in the layouts `refact_gguf.fim` builds (middle spans of 1–5 whole lines after
 their indentation, as an editor's cursor sees them, or arbitrary characters).
@@ -56,9 +56,9 @@ STANDIN_NAME = "Refact-standin-TRAINED-small"
 
 @dataclass(frozen=True)
 class Settings:
-    layers: int = 8
-    width: int = 768
-    heads: int = 12
+    layers: int = 12
+    width: int = 512
+    heads: int = 8  # a power of two, as Refact's (llama.cpp's ALiBi slopes differ from the model's otherwise)
     ctx: int = 1024
     steps: int = 3000
     batch: int = 128  # sequences of ctx tokens a step
@@ -346,10 +346,12 @@ def train(s: Settings, out: Path, sources: list[Path], device: str = "auto", log
     curve, t_train, probe, budget = [], time.perf_counter(), min(20, s.warmup), s.minutes
     step = 0
     while step < s.steps:
+        if step in (probe // 4, probe) and s.minutes and device == "cuda":
+            torch.cuda.synchronize()
+        if step == probe // 4:
+            t_rate = time.perf_counter()  # the rate leaves out the first steps' start-up costs
         if step == probe and s.minutes:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            fits = int(s.minutes * 60 * probe / (time.perf_counter() - t_train))
+            fits = probe + int((s.minutes * 60 - (time.perf_counter() - t_train)) * (probe - probe // 4) / (time.perf_counter() - t_rate))
             if fits < s.steps:
                 log(f"--minutes {s.minutes:g}: {fits} steps fit (of {s.steps}); replay with --steps {fits}")
                 s = replace(s, steps=max(fits, probe + 1), minutes=0.0)
@@ -403,8 +405,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     a = p.parse_args(argv)
     s = Settings(**{k: getattr(a, k) for k in asdict(Settings())})
-    if s.width % s.heads or s.batch % s.micro:
-        p.error("--width must divide by --heads and --batch by --micro")
+    if s.width % s.heads or s.batch % s.micro or s.heads & (s.heads - 1):
+        p.error("--heads must be a power of two, --width must divide by --heads and --batch by --micro")
     train(s, a.out, a.sources or default_sources(), a.device, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 

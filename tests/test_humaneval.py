@@ -39,6 +39,8 @@ def test_hidden_text_put_back_is_the_solution():
             assert c.prefix.rsplit("\n", 1)[-1].strip() == ""  # the cursor after the indentation
         if c.kind == "block":
             assert 2 <= c.expected.count("\n") + 1 <= 5
+        if c.kind == "complete":  # the model starts the body itself: "\n    " is one token, not "\n" then "   "
+            assert c.prefix == c.problem.prompt.rstrip() and c.expected.startswith("\n")
 
 
 def test_oracle_scores_100_and_empty_answer_0():
