@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -11,7 +10,7 @@ import uvicorn
 
 from refact_gguf.engine import Engine
 from refact_gguf.llama import Model
-from refact_gguf.server import Limits, create_app, uvicorn_config
+from refact_gguf.server import Limits, _listen, create_app, uvicorn_config
 
 
 @contextmanager
@@ -19,11 +18,10 @@ def running(q4_model, parallel=2, keys=None, limits=Limits(max_predict=64), engi
     model = Model(q4_model)
     eng = engine(model, n_ctx=1024, parallel=parallel, threads=1, max_queue=limits.max_queue).start()
     app = create_app(eng, q4_model.name, keys, limits, cors_origins)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn_config(app, limits, host="127.0.0.1", port=port))
-    thread = threading.Thread(target=server.run, daemon=True)
+    sock = _listen("127.0.0.1", 0)  # the socket `serve` listens on, not one uvicorn would make
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn_config(app, limits))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not server.started:
@@ -34,5 +32,6 @@ def running(q4_model, parallel=2, keys=None, limits=Limits(max_predict=64), engi
     finally:
         server.should_exit = True
         thread.join(10)
+        sock.close()
         eng.close()
         model.close()
