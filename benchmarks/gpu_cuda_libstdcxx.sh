@@ -3,19 +3,9 @@
 # relinked with -Wl,--exclude-libs,ALL (what setup.sh adds to CUDA builds). For each: does
 # libggml-cuda.so export libstdc++, what `python -m refact_gguf.loader` says, and whether loading
 # a model in a fresh `python -m refact_gguf.bench` child and `bench` over two models work.
-# Carries .whl/ and .sdist/ like gpu_run.sh. Results in $OUT/steps.log.
-set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-T0=$(date +%s); log() { echo "[$(($(date +%s) - T0))s] $*" | tee -a "$OUT/steps.log"; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-mkdir -p /tmp/src && tar xzf .sdist/llama-src.tar.gz -C /tmp/src
-export PYTHONPATH="/tmp/site:$PWD:/tmp/src/llama_cpp_python-0.3.36"
-SRC=/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp
-configure() {
-    cmake -S "$SRC" -B /tmp/lb -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-        -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
-        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF "$@" >> /tmp/build.log 2>&1
-}
+# Carries .whl/ and .sdist/ (benchmarks/gpu_env.sh). Results in $OUT/steps.log.
+source benchmarks/gpu_env.sh
+configure() { cuda_configure /tmp/lb -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF "$@" >> /tmp/build.log 2>&1; }
 log "build llama.cpp (CUDA sm_90), default link"
 configure && cmake --build /tmp/lb --target llama -j 16 >> /tmp/build.log 2>&1 || { log "build failed"; tail -30 /tmp/build.log; exit 1; }
 mkdir -p /tmp/lib-default && cp -a /tmp/lb/bin/*.so* /tmp/lib-default/

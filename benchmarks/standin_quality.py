@@ -214,8 +214,9 @@ def render(out: Path) -> None:
         result["examples"] = examples(records)
         result["first_line_cut"] = first_line_cut(records)
         (out / "quality.json").write_text(json.dumps(result, indent=1))
-    (out / "quality.md").write_text(markdown(result))
-    print(markdown(result))
+    text = markdown(result)
+    (out / "quality.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
