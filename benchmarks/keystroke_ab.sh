@@ -2,18 +2,20 @@
 # refact-gguf serve and llama-server up at once on one GGUF and one llama.cpp build, one typist
 # replayed against each in turn (ABBA order over ROUNDS rounds), each keystroke split into the
 # server's prompt / predicted time and what lies outside (benchmarks/keystroke_split.py):
-#   LS_FLAGS="-fa off" ROUNDS=4 bash benchmarks/cpu_keystroke_ab.sh MODEL.gguf LLAMA_BIN_DIR
-#   LS_FLAGS=" " ROUNDS=6 bash benchmarks/cpu_keystroke_ab.sh MODEL.gguf LLAMA_BIN_DIR   # llama-server's defaults
+#   LS_FLAGS="-fa off" ROUNDS=4 bash benchmarks/keystroke_ab.sh MODEL.gguf LLAMA_BIN_DIR
+#   LS_FLAGS=" " ROUNDS=6 bash benchmarks/keystroke_ab.sh MODEL.gguf LLAMA_BIN_DIR   # llama-server's defaults
+#   THREADS=16 GPU_LAYERS=99 LS_FLAGS=" " ROUNDS=6 bash benchmarks/keystroke_ab.sh MODEL.gguf LLAMA_BIN_DIR   # a GPU
 set -u
 M=$1; BIN=$2
 PY=${PYTHON:-.venv/bin/python}
+T=${THREADS:-2}; NGL=${GPU_LAYERS:-0}
 OUT=${OUT:-/tmp/keystroke_ab}; mkdir -p "$OUT"
 export LLAMA_CPP_LIB_PATH=$BIN
 wait_up() { for _ in $(seq 240); do curl -sf "http://127.0.0.1:$1/health" > /dev/null && return 0; sleep 0.5; done; return 1; }
-$PY -m refact_gguf serve -m "$M" -t 2 --port 8012 --cache-disk-mb 0 > "$OUT/ours.log" 2>&1 & p1=$!
+$PY -m refact_gguf serve -m "$M" -t "$T" --gpu-layers "$NGL" --port 8012 --cache-disk-mb 0 > "$OUT/ours.log" 2>&1 & p1=$!
 # shellcheck disable=SC2086  # LS_FLAGS holds several flags
-"$BIN/llama-server" -m "$M" -t 2 ${LS_FLAGS:--fa off} -c 4096 --cache-reuse 256 --spm-infill --port 8089 > "$OUT/llama-server.log" 2>&1 & p2=$!
-wait_up 8012 && wait_up 8089 || { echo "a server did not start"; kill $p1 $p2; exit 1; }
+"$BIN/llama-server" -m "$M" -t "$T" -ngl "$NGL" ${LS_FLAGS:--fa off} -c 4096 --cache-reuse 256 --spm-infill --port 8089 > "$OUT/llama-server.log" 2>&1 & p2=$!
+wait_up 8012 && wait_up 8089 || { echo "a server did not start"; tail -5 "$OUT"/*.log; kill $p1 $p2; exit 1; }
 for round in $(seq "${ROUNDS:-4}"); do
     if [ $((round % 2)) = 1 ]; then order="8012 8089"; else order="8089 8012"; fi
     for port in $order; do
