@@ -351,3 +351,39 @@ def sequence_logits(path: Path, tokens: list[int], threads: int | None = None) -
     if not np.isfinite(logits).all():
         raise ModelFileError(f"{Path(path).name} produced non-finite logits")
     return logits
+
+
+def quantize(base: Path, out: Path, ftype: int, threads: int, importance: dict[str, np.ndarray] | None = None,
+             metadata: dict[str, int | str] | None = None) -> bool:
+    """llama_model_quantize: write `out` as `ftype` of `base`; False where llama.cpp refused (it
+    logged why). `importance`: per tensor, the mean squared activation of each input column (an
+    imatrix); `metadata`: keys to write into `out` (how llama-quantize records the imatrix)."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = ftype
+    keep = []  # the buffers the C arrays point into, alive until the call returns
+    if importance:
+        arr = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
+        for i, (name, values) in enumerate(sorted(importance.items())):
+            values = np.ascontiguousarray(values, dtype=np.float32)
+            keep += [values, name.encode()]
+            arr[i].name = keep[-1]
+            arr[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = values.size
+        arr[len(importance)].name = None
+        keep.append(arr)
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    if metadata:
+        kv = (llama_cpp.llama_model_kv_override * (len(metadata) + 1))()
+        for i, (key, value) in enumerate(metadata.items()):
+            kv[i].key = key.encode()
+            if isinstance(value, int):
+                kv[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+                kv[i].value.val_i64 = value
+            else:
+                kv[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+                kv[i].value.val_str = value.encode()[:127]
+        kv[len(metadata)].key = b""
+        keep.append(kv)
+        params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+    return llama_cpp.llama_model_quantize(str(base).encode(), str(out).encode(), ctypes.byref(params)) == 0

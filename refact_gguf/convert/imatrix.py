@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 import sysconfig
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,7 +40,6 @@ class Imatrix:
     dataset: str = ""
     chunks: int = 0
     chunk_size: int = DEFAULT_CHUNK
-    _keep: list = field(default_factory=list, repr=False)
 
     def mean_sq(self, name: str) -> np.ndarray:
         return (self.sums[name] / max(self.counts[name], 1)).astype(np.float32)

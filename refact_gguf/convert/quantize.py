@@ -1,8 +1,7 @@
-"""Quantize a base GGUF through llama-cpp-python's binding of `llama_model_quantize`."""
+"""Quantize a base GGUF with llama.cpp (`llama.quantize`): progress, Ctrl-C, a clear error."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import signal
@@ -11,10 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-import llama_cpp
-import numpy as np
-
-from .. import llama_log
+from .. import llama, llama_log
 from ..catalog import Quant
 from ..errors import QuantizeError
 
@@ -23,37 +19,6 @@ from .writer import atomic_output
 
 # llama.cpp logs "[  12/ 291]   blk.1.attn_q.weight - ..." once per tensor.
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
-
-
-def _imatrix_array(imatrix: Imatrix) -> ctypes.Array:
-    """The NULL-terminated `llama_model_imatrix_data` array; buffers are kept alive on the Imatrix."""
-    names = sorted(imatrix.sums)
-    arr = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
-    keep = []
-    for i, name in enumerate(names):
-        values = np.ascontiguousarray(imatrix.mean_sq(name), dtype=np.float32)
-        keep += [values, name.encode()]
-        arr[i].name = keep[-1]
-        arr[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        arr[i].size = values.size
-    arr[len(names)].name = None
-    imatrix._keep[:] = keep
-    return arr
-
-
-def _kv_overrides(items: dict[str, int | str]) -> ctypes.Array:
-    """llama-quantize's way of recording the imatrix in the output's metadata."""
-    arr = (llama_cpp.llama_model_kv_override * (len(items) + 1))()
-    for i, (key, value) in enumerate(items.items()):
-        arr[i].key = key.encode()
-        if isinstance(value, int):
-            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
-            arr[i].value.val_i64 = value
-        else:
-            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
-            arr[i].value.val_str = value.encode()[:127]
-    arr[len(items)].key = b""
-    return arr
 
 
 @contextmanager
@@ -86,18 +51,15 @@ def quantize(
     on_tensor: Callable[[int, int], None] = lambda done, total: None,
 ) -> None:
     """Write `out` (atomically) as `quant` of `base`; `on_tensor(done, total)` reports progress."""
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = threads or os.cpu_count() or 1
-    params.ftype = quant.ftype
+    importance = metadata = None
     if imatrix is not None:
-        params.imatrix = ctypes.cast(_imatrix_array(imatrix), ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-        overrides = _kv_overrides({
+        importance = {name: imatrix.mean_sq(name) for name in imatrix.sums}
+        metadata = {
             "quantize.imatrix.file": imatrix.dataset + ".imatrix",
             "quantize.imatrix.dataset": imatrix.dataset,
             "quantize.imatrix.entries_count": len(imatrix.sums),
             "quantize.imatrix.chunks_count": imatrix.chunks,
-        })
-        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+        }
 
     def progress(_level: int, line: str) -> None:
         if m := _TENSOR_LINE.match(line):
@@ -105,8 +67,8 @@ def quantize(
 
     with atomic_output(out) as tmp, llama_log.capture_errors() as errors, llama_log.listen(progress):
         with _exit_on_ctrl_c(tmp):
-            status = llama_cpp.llama_model_quantize(str(base).encode(), str(tmp).encode(), ctypes.byref(params))
-        if status != 0:
+            done = llama.quantize(base, tmp, quant.ftype, threads or os.cpu_count() or 1, importance, metadata)
+        if not done:
             reason = next((e for e in reversed(errors) if "error" in e.lower() or "requires" in e.lower()), None)
             raise QuantizeError(
                 f"llama.cpp could not quantize {quant.name}: {reason or 'see --verbose for its log'}",
