@@ -14,6 +14,10 @@ import time
 
 import psutil
 
+# How often the thread count follows the load: a decode step on a laptop CPU takes 50-100 ms, so a
+# few steps' worth of CPU time per sample, enough to tell a steady job from a burst.
+SAMPLE_EVERY_S = 0.5
+
 
 def cores() -> int:
     """The cores this process may run on."""
@@ -37,9 +41,9 @@ class FreeCores:
         mine = self._me.cpu_times()
         return time.monotonic(), busy, mine.user + mine.system
 
-    def since(self) -> float:
-        """Seconds since the previous sample."""
-        return time.monotonic() - self._last[0]
+    def poll(self) -> int | None:
+        """free() once SAMPLE_EVERY_S have passed since the previous sample; None until then."""
+        return self.free() if time.monotonic() - self._last[0] >= SAMPLE_EVERY_S else None
 
     def free(self) -> int:
         now, last = self._sample(), self._last

@@ -39,7 +39,6 @@ SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk
 BACKGROUND_STEP_S = 1.0  # a step of background prefill lasts about this long (a request arriving stops it, losing it)
 MAX_BACKGROUND = 8  # files whose full prompt waits to be evaluated in the background
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds, for /metrics
-THREADS_EVERY_S = 0.5  # how often the thread count follows the cores other programs leave free
 SHORT_SHARE = 0.6  # of a prompt budget, what a short prompt may take (the rest: slack, and the first tokens)
 
 
@@ -305,10 +304,8 @@ class Engine:
                     self._fail(slot, handle, _library_error(e))
             if not shortened:
                 break
-        if self._cores is not None and self._cores.since() >= THREADS_EVERY_S:
-            free = self._cores.free()
-            if free != self.ctx.threads:
-                self.ctx.set_threads(free)
+        if self._cores is not None and (free := self._cores.poll()) not in (None, self.ctx.threads):
+            self.ctx.set_threads(free)
         try:
             self.step()
         except Exception as e:  # noqa: BLE001 - llama.cpp failed (or we did): the batch's tasks end with it

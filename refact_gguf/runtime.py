@@ -265,8 +265,8 @@ class Runtime:
     def run(self, task: Task, on_text: OnText | None = None) -> Completion:
         """Prefill (reusing the cache), then generate until the task's rules or its limits end it."""
         slot, ctx, batch = self.slot, self.ctx, self.ctx.batch
-        if self._cores is not None and self._cores.since() >= 0.2:
-            ctx.set_threads(self._cores.free())
+        if self._cores is not None and (free := self._cores.poll()) not in (None, ctx.threads):
+            ctx.set_threads(free)
         slot.start(task, on_text)
         while len(slot.todo):
             if slot.prompt_overdue(time.perf_counter()):
