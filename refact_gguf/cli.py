@@ -360,7 +360,7 @@ def serve(
     cache_mb: Annotated[Optional[int], typer.Option("--cache-mb", min=0, help="Memory for the KV caches of recently used files (8 KiB a token). Default: an eighth of free RAM, at most 1024.")] = None,
     cache_disk_mb: Annotated[int, typer.Option("--cache-disk-mb", min=0, help="Disk for KV caches kept across restarts; 0 keeps none.")] = 2048,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where those live (default: ~/.cache/refact-gguf/kv, or under XDG_CACHE_HOME).")] = None,
-    prompt_budget_ms: Annotated[int, typer.Option("--prompt-budget-ms", min=0, help="A file too little of which is cached to evaluate in this time gets a first answer from the lines around the cursor, its full prompt evaluated in the background (for /infill clients that send no t_max_prompt_ms; 0: always wait for the full prompt).")] = 1000,
+    prompt_budget_ms: Annotated[int, typer.Option("--prompt-budget-ms", min=0, help="A file too little of which is cached to evaluate in this time gets a first answer from the lines around the cursor, its full prompt evaluated in the background (for /infill clients that send no t_max_prompt_ms, and FIM through /v1/completions and /api/generate; 0: always wait for the full prompt).")] = 1000,
     ctx_size: CtxSize = 4096,
     gpu_layers: GpuLayers = "auto",
     threads: Threads = None,

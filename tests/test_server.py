@@ -333,6 +333,19 @@ def test_a_cold_file_is_answered_from_the_lines_around_the_cursor_and_says_so(q4
         assert not again["short_context"] and again["tokens_cached"] > 300 and again["timings"]["prompt_n"] < 10
 
 
+@pytest.mark.parametrize("path, body, evaluated", [
+    ("/v1/completions", {"prompt": PREFIX * 12, "suffix": SUFFIX, "max_tokens": 4}, lambda r: r["usage"]["prompt_tokens"]),
+    ("/api/generate", {"prompt": PREFIX * 12, "suffix": SUFFIX, "options": {"num_predict": 4}, "stream": False},
+     lambda r: r["prompt_eval_count"]),
+])
+def test_fim_through_openai_and_ollama_on_a_cold_file_is_answered_short_too(q4_model, path, body, evaluated):
+    """They bring no time budget: the server's (--prompt-budget-ms) holds for them."""
+    with running(q4_model, parallel=1, engine=SlowPromptsCached, limits=Limits(max_predict=64, prompt_budget_ms=500)) as u:
+        first = httpx.post(f"{u}{path}", json=body, timeout=60)
+        assert first.status_code == 200 and evaluated(first.json()) <= 30
+        assert httpx.get(f"{u}/health").json()["engine"]["short_answers"] == 1
+
+
 def test_llama_server_endpoints_tools_call(url):
     c = httpx.post(f"{url}/completion", json={"prompt": "def f():", "n_predict": 4}, timeout=60).json()
     assert c["tokens_predicted"] <= 4 and isinstance(c["content"], str) and c["timings"]["predicted_n"] == c["tokens_predicted"]

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from ..engine import Engine, Handle
 from ..errors import BusyError, InputError, RefactGGUFError
+from .. import tasks
 from ..tasks import Completion, Task
 
 
@@ -23,7 +24,7 @@ class Limits:
     max_predict: int = 1024
     max_queue: int = 16
     body_timeout_s: float = 30.0  # a request body that stops arriving frees its connection after this
-    prompt_budget_ms: int = 1000  # for /infill clients that send no t_max_prompt_ms (0: always the full prompt)
+    prompt_budget_ms: int = 1000  # for FIM requests that bring no t_max_prompt_ms (0: always the full prompt)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,17 @@ class Service:
 
     def tokenize(self, text: str) -> list[int]:
         return self.engine.model.tokenize_cached(text)
+
+    def fim(self, prefix: str, suffix: str, start: float, budget_ms: int | None = None, cache: bool = True,
+            **options) -> Task:
+        """tasks.fim for this engine. When its cache holds too little of the prompt to have it in
+        `budget_ms` after `start` (default: the server's budget; 0: no limit), the engine answers
+        from the lines around the cursor and evaluates the whole file in the background."""
+        budget_ms = self.limits.prompt_budget_ms if budget_ms is None else budget_ms
+        short_tokens = self.engine.short_tokens(budget_ms / 1e3) if budget_ms > 0 and cache else None
+        task = tasks.fim(self.tokenize, self.engine.n_ctx, prefix, suffix, short_tokens=short_tokens, **options)
+        task.prompt_budget = start + budget_ms / 1e3 if short_tokens is not None else None
+        return task
 
     def tokenize_special(self, text: str) -> list[int]:
         """Special tokens parsed: for prompts a client laid out itself (its own FIM markers)."""

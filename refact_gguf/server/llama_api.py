@@ -118,22 +118,15 @@ async def infill(body: InfillRequest, request: Request):
     n_predict = check_predict(service, body.n_predict if body.n_predict >= 0 else 128)
     start = time.perf_counter()
 
-    # When the cache holds too little of the prompt to have it in within the budget, the engine
-    # answers from the lines around the cursor (the task's `short` version) and evaluates the
-    # full prompt in the background.
-    budget_ms = body.t_max_prompt_ms if body.t_max_prompt_ms > 0 else service.limits.prompt_budget_ms
-    short_tokens = service.engine.short_tokens(budget_ms / 1e3) if budget_ms > 0 and body.cache_prompt else None
-
     def build() -> Task:
         extra: list[int] = []
         for c in body.input_extra:
             extra += service.tokenize(SNIPPET_SEPARATOR + c.text)
-        task = tasks.fim(
-            service.tokenize, service.engine.n_ctx, body.input_prefix, body.input_suffix, order=body.fim_order,
-            max_tokens=n_predict, sampling=body.sampling(), line=body.prompt, extra=extra,
-            indent=body.n_indent or None, stop=tuple(body.stop), short_tokens=short_tokens,
+        task = service.fim(
+            body.input_prefix, body.input_suffix, start, body.t_max_prompt_ms if body.t_max_prompt_ms > 0 else None,
+            body.cache_prompt, order=body.fim_order, max_tokens=n_predict, sampling=body.sampling(), line=body.prompt,
+            extra=extra, indent=body.n_indent or None, stop=tuple(body.stop),
         )
-        task.prompt_budget = start + budget_ms / 1e3 if short_tokens is not None else None
         return body.limit(task, start)
 
     if body.stream:

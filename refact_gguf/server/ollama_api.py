@@ -10,6 +10,7 @@ this request (cached ones not), as Ollama reports them.
 from __future__ import annotations
 
 import functools
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -163,13 +164,13 @@ async def generate(body: GenerateRequest, request: Request):
     options = body.options
     code = body.suffix is not None
     max_tokens = predict_limit(service, options.num_predict, 128)
+    start = time.perf_counter()
     sampling = options.sampling(0.0 if code else 0.2)
     text = body.prompt if body.raw or not body.system else f"{body.system}\n\n{body.prompt}"
 
     def build() -> Task:
         if code:  # the prompt and suffix are code: FIM markers inside them stay text
-            return tasks.fim(service.tokenize, service.engine.n_ctx, text, body.suffix, max_tokens=max_tokens,
-                             sampling=sampling, stop=options.stops())
+            return service.fim(text, body.suffix, start, max_tokens=max_tokens, sampling=sampling, stop=options.stops())
         return tasks.complete(service.tokenize, service.engine.n_ctx, text, max_tokens=max_tokens, sampling=sampling,
                               stop=options.stops(), specials=service.tokenize_special if body.raw else None)
 

@@ -102,12 +102,12 @@ async def completions(body: CompletionRequest, request: Request):
     if body.echo or body.logprobs:
         raise InputError(f"{'echo' if body.echo else 'logprobs'}: not supported by this server", "leave it out")
     max_tokens = body.limit(service, 16)
+    start = time.perf_counter()
     sampling = Sampling(body.temperature, 40, body.top_p, body.seed)
 
     def build() -> Task:
         if body.suffix is not None:
-            return tasks.fim(service.tokenize, service.engine.n_ctx, text, body.suffix, max_tokens=max_tokens,
-                             sampling=sampling, stop=body.stops())
+            return service.fim(text, body.suffix, start, max_tokens=max_tokens, sampling=sampling, stop=body.stops())
         return tasks.complete(service.tokenize, service.engine.n_ctx, text, max_tokens=max_tokens, sampling=sampling,
                               stop=body.stops(), specials=service.tokenize_special)
 
