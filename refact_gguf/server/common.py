@@ -12,9 +12,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from .. import tasks
 from ..engine import Engine, Handle
 from ..errors import BusyError, InputError, RefactGGUFError
-from .. import tasks
 from ..tasks import Completion, Task
 
 
