@@ -361,7 +361,7 @@ def quantize(base: Path, out: Path, ftype: int, threads: int, importance: dict[s
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads
     params.ftype = ftype
-    keep = []  # the buffers the C arrays point into, alive until the call returns
+    keep = []  # the arrays and names the C entries point into (each loop rebinds them), alive until the call returns
     if importance:
         arr = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
         for i, (name, values) in enumerate(sorted(importance.items())):
@@ -371,7 +371,6 @@ def quantize(base: Path, out: Path, ftype: int, threads: int, importance: dict[s
             arr[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             arr[i].size = values.size
         arr[len(importance)].name = None
-        keep.append(arr)
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     if metadata:
         kv = (llama_cpp.llama_model_kv_override * (len(metadata) + 1))()
@@ -384,6 +383,5 @@ def quantize(base: Path, out: Path, ftype: int, threads: int, importance: dict[s
                 kv[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
                 kv[i].value.val_str = value.encode()[:127]
         kv[len(metadata)].key = b""
-        keep.append(kv)
         params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(llama_cpp.llama_model_kv_override))
     return llama_cpp.llama_model_quantize(str(base).encode(), str(out).encode(), ctypes.byref(params)) == 0
