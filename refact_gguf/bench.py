@@ -84,7 +84,7 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
     def fresh() -> None:
         ctx.reset()
         if context and depth_state:
-            ctx.seq_restore(0, depth_state[0])
+            ctx.seq_restore(0, depth_state[0], depth)
             ctx.n_past = depth
         elif context:
             ctx.decode(context)
@@ -118,7 +118,7 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
         def run_gen() -> float:
             rt.slot.clear()
             if depth_state:  # the same depth, restored; the run evaluates the prompt after it
-                rt.ctx.seq_restore(0, depth_state[0])
+                rt.ctx.seq_restore(0, depth_state[0], depth)
                 rt.slot.holds(np.asarray(context, np.int32))
             done = rt.run(Task(context + prompt[:16], n_gen))
             return done.tokens_predicted / (done.predicted_ms / 1e3) if done.predicted_ms else 0.0

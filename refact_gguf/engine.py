@@ -9,10 +9,18 @@ client that goes away can never race a decode.
 
 Admission: a waiting task goes to the idle slot whose cache shares the longest prefix of its
 prompt ids (the same file, one keystroke later), else to the least recently used slot. With a
-`PromptCache`, a slot's cache is saved before a prompt of another file overwrites it, and a saved
-state that shares more of a prompt than the slot does is restored into it first: every file a
-person recently worked in stays warm, not one per slot. When the engine idles, caches not yet on
-disk are written there, so they survive a restart.
+`PromptCache`, a slot's cache is saved (in memory) before a prompt of another file overwrites it,
+and a saved state is restored into a slot only when that pays: the prompt tokens it spares,
+at the measured prompt rate, take longer than moving its bytes at the measured restore rate (from
+memory or from disk). A person typing on in one file keeps their live slot: no save, no restore.
+When the engine idles, states not yet on disk are written there (once per file and idle period),
+so they survive a restart.
+
+Cold files: a request whose prompt cannot be in by its budget (its own tokens and those queued
+ahead, at the measured rate) is answered from the lines around the cursor on a scratch sequence
+of its own, while its full prompt stays in the person's slot and is evaluated as background work
+that takes a share of every step; the next keystroke in that file takes the slot over, with all
+the background progress in it. So under steady typing every file reaches its full context.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from .tasks import Completion, Task
 DRIBBLE = 32  # prompts up to this many new tokens are fed one token a step when the batch is shared
 SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk
 BACKGROUND_STEP_S = 1.0  # a step of background prefill lasts about this long (a request arriving stops it, losing it)
+BACKGROUND_SHARE = 4  # in a step people wait on, background prompts get up to a ubatch / this many tokens
+RESTORE_RATE = {True: 2e9, False: 3e8}  # bytes a second of a restore from memory / from disk, until measured
 MAX_BACKGROUND = 8  # files whose full prompt waits to be evaluated in the background
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds, for /metrics
 SHORT_SHARE = 0.6  # of a prompt budget, what a short prompt may take (the rest: slack, and the first tokens)
@@ -102,6 +112,7 @@ class Stats:
     cache_restores: int = 0  # saved caches restored into a slot
     short_answers: int = 0  # requests answered from the lines around the cursor, their full prompt being late
     background_tokens: int = 0  # prompt tokens evaluated in the background
+    cache_refused: int = 0  # saved states llama.cpp would not restore, or restored wrong (dropped)
     background_stopped: int = 0  # background steps given up for a person's request
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))  # per bucket, +Inf last
     latency_sum_s: float = 0.0
@@ -114,13 +125,20 @@ class Engine:
     def __init__(self, model: Model, n_ctx: int = 4096, parallel: int = 1, threads: int | None = None,
                  n_batch: int = 512, max_queue: int = 16, full_batches: bool | None = None,
                  cache: PromptCache | None = None):
-        if parallel > n_batch:
+        n_scratch = 1 if cache is not None else 0  # short answers need a cache to keep the full prompt's progress
+        if parallel + n_scratch > n_batch:
             raise InputError(f"--parallel {parallel} is more than a batch of {n_batch} tokens can serve")
         self.model = model
-        self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, threads=threads, n_seq_max=parallel)
+        self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, threads=threads, n_seq_max=parallel + n_scratch)
         self._cores = FreeCores(self.ctx.threads) if threads is None else None  # None: as many as are free
         self.n_ctx = self.ctx.n_ctx
-        self.slots = [Slot(self.ctx, seq) for seq in range(parallel)]
+        self.slots = [Slot(self.ctx, seq) for seq in range(parallel)]  # one a person at a time
+        # Short answers run here, so a cold file's full prompt keeps its slot and its progress.
+        self.scratch = [Slot(self.ctx, seq) for seq in range(parallel, parallel + n_scratch)]
+        self._sequences = self.slots + self.scratch  # by sequence id
+        self._restore_rate = dict(RESTORE_RATE)
+        if cache is not None:
+            cache.bind(self.ctx.state_layout)
         # Each person's keystroke resends a prefix and a suffix the tokenizer has seen: keep theirs.
         model.token_cache.size = max(model.token_cache.size, 3 * parallel)
         self.max_queue = max_queue
@@ -195,6 +213,14 @@ class Engine:
                     "threads": self.ctx.threads,
                     "background": len(self._background) + sum(h.background for h in self._active.values())}
 
+    def cancel_all(self) -> int:
+        """Cancel every task waiting or running (a second Ctrl-C); how many there were."""
+        with self._cond:
+            handles = [*self._waiting, *(h for h in self._active.values() if not h.background)]
+        for h in handles:
+            h.cancel()
+        return len(handles)
+
     def close(self) -> None:
         with self._cond:
             self._closing = True
@@ -204,7 +230,7 @@ class Engine:
         if self.cache is not None:
             self._snapshot(idle=False)  # background work under way included: a restart goes on from there
             self.cache.close()
-        for slot in self.slots:
+        for slot in self._sequences:
             slot.close()
         self.ctx.close()
 
@@ -221,7 +247,8 @@ class Engine:
             with self._cond:
                 idle = False
                 if not (self._closing or self._waiting or self._active or self._background):
-                    idle = not self._cond.wait(SNAPSHOT_AFTER_S if self._unsaved() else None)
+                    unsaved = self._unsaved() or (self.cache is not None and self.cache.unflushed)
+                    idle = not self._cond.wait(SNAPSHOT_AFTER_S if unsaved else None)
                 if self._closing:
                     for h in [*self._waiting, *self._active.values()]:
                         h._finish(error=BusyError("the server is shutting down"))
@@ -239,7 +266,7 @@ class Engine:
                 error = _library_error(e)
                 with self._cond:
                     handles, self._waiting = [*self._waiting, *self._active.values()], deque()
-                for slot in self.slots:
+                for slot in self._sequences:
                     slot.task = slot.on_text = None
                     slot.clear()
                 self._active.clear()
@@ -254,9 +281,12 @@ class Engine:
         return [s for s in self.slots if not (idle and s.busy) and s.unsaved]
 
     def _snapshot(self, idle: bool = True) -> None:
-        """Write (idle) slots' caches to disk (they stay live too): a restart finds them there."""
+        """Write (idle) slots' caches to disk (they stay live too), and the states saved in memory
+        since the last time: a restart finds them there."""
         for slot in self._unsaved(idle):
             self._save(slot, memory=False)
+        if self.cache is not None:
+            self.cache.flush()
 
     def _save(self, slot: Slot, memory: bool = True) -> None:
         if slot.unsaved:
@@ -265,24 +295,36 @@ class Engine:
             self.stats.cache_saves += 1
 
     def _bring(self, slot: Slot, task: Task) -> None:
-        """Before `slot` takes `task`: if a saved state shares more of the prompt than the slot's
-        cache does, restore it; if the prompt will overwrite much of the slot's cache, save that
-        first (another file, which its person may come back to)."""
-        if self.cache is None or not task.reuse_cache:
+        """Before `slot` takes `task`: if the prompt will overwrite much of the slot's cache, save
+        that first (another file, which its person may come back to); if a saved state spares more
+        prompt time than restoring it costs, restore it."""
+        if self.cache is None or not task.reuse_cache or task.short_context:
             return
         prompt = np.asarray(task.prompt, np.int32)
-        shared = slot.common_prefix(prompt)
+        kept = slot.reusable(prompt)  # what the slot keeps by itself, shifted runs included
         saved, n = self.cache.best(prompt)
-        better = saved is not None and n >= shared + REUSE_CHUNK
-        if better or slot.n_cached - shared >= REUSE_CHUNK:
+        restore = saved is not None and n - kept >= REUSE_CHUNK and self._restore_pays(saved, n - kept)
+        if restore or slot.n_cached - kept >= REUSE_CHUNK:
             self._save(slot)
-        if better:
+        if restore:
+            in_memory, t0 = saved.state is not None, time.perf_counter()
             state = self.cache.load(saved)
-            if state is not None and self.ctx.seq_restore(slot.seq, state):
+            if state is not None and self.ctx.seq_restore(slot.seq, state, len(saved.tokens)):
                 slot.holds(saved.tokens)
                 self.stats.cache_restores += 1
+                rate = len(state) / max(time.perf_counter() - t0, 1e-6)
+                self._restore_rate[in_memory] = 0.7 * self._restore_rate[in_memory] + 0.3 * rate
             else:
                 slot.clear()
+                if state is not None:  # llama.cpp refused it, or it restored something else: never again
+                    self.cache.discard(saved)
+                    self.stats.cache_refused += 1
+
+    def _restore_pays(self, saved, tokens: int) -> bool:
+        """Restoring `saved` takes less time than evaluating the `tokens` it would spare."""
+        if self.prompt_rate is None:
+            return True
+        return tokens / self.prompt_rate > saved.size / self._restore_rate[saved.state is not None]
 
     def tick(self) -> None:
         """Admit what waits, then one step. The engine thread's loop body; tests call it directly
@@ -316,21 +358,24 @@ class Engine:
     # ------------------------------------------------------------------ background prefill
 
     def _late(self, slot: Slot, task: Task) -> bool:
-        """The cache holds too little of the prompt to have it in by the task's budget."""
+        """The prompt cannot be in by the task's budget: what the cache lacks of it, and the
+        prompt tokens of people's requests admitted before it, at the measured rate."""
         if task.short is None or task.prompt_budget is None or self.short_tokens(1.0) is None:
             return False
-        return time.perf_counter() + len(slot.todo) / self.prompt_rate > task.prompt_budget
+        ahead = sum(len(s.todo) for s, h in self._active.items() if s is not slot and not h.background and not s.generating)
+        return time.perf_counter() + (len(slot.todo) + ahead) / self.prompt_rate > task.prompt_budget
 
     def _answer_short(self, slot: Slot, handle: Handle) -> None:
         """The full prompt goes on evaluating on `slot`, in the background; the person's request
-        becomes its short version, first in line."""
+        becomes its short version, first in line for a scratch sequence."""
         full = handle.task
         handle.task = full.short
         full.prompt_deadline = full.deadline = None  # the client's limits are the short one's now
         full.short = full.prompt_budget = None  # it is background work from now on, never late
+        full.max_tokens = 0  # prefill only, also when it resumes from the queue
         background = Handle(full, None, None)
         background.background = True
-        slot.on_text, slot.max_tokens = None, 0  # prefill only
+        slot.on_text, slot.max_tokens = None, 0
         self._active[slot] = background
         self.stats.short_answers += 1
         with self._cond:
@@ -340,13 +385,19 @@ class Engine:
 
     def _yield_background(self) -> None:
         """A slot doing background work is given up, its progress saved, for each request that
-        waits without an idle slot; the job goes back to the queue."""
+        waits without an idle slot (one of the same file takes the job's slot over in `_admit`);
+        the job goes back to the queue."""
         with self._cond:
-            wanted = len(self._waiting) - sum(not s.busy for s in self.slots)
-        for slot, handle in list(self._active.items()):
+            full = [h.task.prompt for h in self._waiting if not h.task.short_context]
+            wanted = len(full) - sum(not s.busy for s in self.slots)
+        jobs = [(slot, h) for slot, h in self._active.items() if h.background]
+        for slot, handle in jobs:
+            if any(_same_file(handle.task.prompt, p) for p in full):
+                wanted -= 1  # taken over, not yielded
+        for slot, handle in jobs:
             if wanted <= 0:
                 break
-            if handle.background:
+            if not any(_same_file(handle.task.prompt, p) for p in full):
                 self._save(slot)
                 slot.task = slot.on_text = None
                 del self._active[slot]
@@ -359,26 +410,41 @@ class Engine:
     # ------------------------------------------------------------------ admission
 
     def _admit(self) -> list[tuple[Slot, Handle]]:
-        """Waiting tasks → idle slots (under the lock), then background jobs to the slots left;
-        the slots start them outside it."""
+        """Waiting tasks → idle slots (under the lock), short answers to scratch sequences, a
+        keystroke in a file under background work to that job's slot; then background jobs to the
+        slots left. The slots start them outside it."""
         admitted = []
         idle = [s for s in self.slots if not s.busy]
-        while (self._waiting or self._background) and idle:
-            handle = self._waiting.popleft() if self._waiting else self._background.pop()
+        scratch = [s for s in self.scratch if not s.busy]
+        jobs = {slot: h for slot, h in self._active.items() if h.background}
+        for handle in list(self._waiting):
             if handle.cancelled:
+                self._waiting.remove(handle)
                 handle._finish(Completion("", "cancelled", len(handle.task.prompt), 0, 0, 0, 0.0, 0.0))
                 continue
-            prompt = np.asarray(handle.task.prompt, np.int32)
-
-            def affinity(slot: Slot) -> tuple[int, float]:
-                # A handful of shared tokens (the FIM marker, an import line) is no reason to
-                # overwrite a cache someone else may come back to: below that, oldest first.
-                shared = slot.common_prefix(prompt)
-                return (shared if shared >= min(REUSE_CHUNK, len(prompt) // 2) else 0, -slot.last_used)
-
-            slot = max(idle, key=affinity)
-            idle.remove(slot)
+            if handle.task.short_context:
+                pool = scratch
+            else:
+                # The file's newest keystroke takes over its background job, and all its progress.
+                same = [s for s, h in jobs.items() if _same_file(h.task.prompt, handle.task.prompt)]
+                for s in same:
+                    del self._active[s], jobs[s]
+                    s.task = s.on_text = None
+                pool = same or idle
+            if not pool:
+                continue
+            slot = _best_slot(pool, np.asarray(handle.task.prompt, np.int32))
+            pool.remove(slot)
+            if slot in idle:
+                idle.remove(slot)
+            self._waiting.remove(handle)
             slot.task = handle.task  # reserved: `busy` from now on
+            admitted.append((slot, handle))
+        while self._background and idle:
+            handle = self._background.pop()
+            slot = _best_slot(idle, np.asarray(handle.task.prompt, np.int32))
+            idle.remove(slot)
+            slot.task = handle.task
             admitted.append((slot, handle))
         return admitted
 
@@ -420,19 +486,26 @@ class Engine:
         # Prompt tokens: every filling slot gets one. Beyond that, a slot's tokens go to a ubatch of
         # their own (one more pass over the weights for the whole step), worth it only for a long
         # prompt: the few tokens a keystroke adds go one per step while others share the batch.
-        # Background prompts run only in steps no person is waiting on; a request arriving stops them.
+        # Background prompts take a bounded share of the steps people wait on (so they finish
+        # under steady typing), and whole ubatches of the steps nobody waits on, which a request
+        # arriving stops.
         people = [slot for slot, handle in self._active.items() if not handle.background]
-        working = people or list(self._active)
+        working = list(self._active)
         busy = {slot.seq: slot for slot in working}
-        lo, hi = (0, len(self.slots) - 1) if self.full_batches else (min(busy), max(busy))
+        lo, hi = (0, len(self._sequences) - 1) if self.full_batches else (min(busy), max(busy))
         room = batch.capacity - (hi - lo + 1)
         chunk: dict[Slot, int] = {}
+        background: set[Slot] = set()
         for slot in working:
             if not slot.generating:
-                more = min(len(slot.todo) - 1, room) if len(busy) == 1 or len(slot.todo) > DRIBBLE else 0
-                if not people:
+                # A short answer is someone's first suggestion in a file: its prompt goes in at once.
+                whole = len(busy) == 1 or len(slot.todo) > DRIBBLE or slot.task.short_context
+                more = min(len(slot.todo) - 1, room) if whole else 0
+                if self._active[slot].background:
+                    background.add(slot)
                     # one ubatch at most: a step given up keeps the ubatches already done
-                    more = min(more, max(32, int((self.prompt_rate or 0) * BACKGROUND_STEP_S)) - 1, ctx.n_ubatch - 1)
+                    cap = ctx.n_ubatch // BACKGROUND_SHARE if people else max(32, int((self.prompt_rate or 0) * BACKGROUND_STEP_S))
+                    more = max(0, min(more, cap - 1, ctx.n_ubatch - 1))
                 chunk[slot] = 1 + more
                 room -= more
         batch.clear()
@@ -440,7 +513,7 @@ class Engine:
         rows: list[tuple[Slot | None, int]] = []  # (slot or None for a row to ignore, batch row): output k is logits row k
         fillers: list[Slot] = []
         for seq in range(lo, hi + 1):
-            slot = self.slots[seq]
+            slot = self._sequences[seq]
             if slot.generating:
                 rows.append((slot, batch.add(seq, (slot.next_token,), slot.pos, output_last=True)))
             elif slot in chunk:
@@ -462,8 +535,7 @@ class Engine:
         if not done:
             self.stats.background_stopped += 1
             return
-        if not people:
-            self.stats.background_tokens += sum(chunk.values())
+        self.stats.background_tokens += sum(n for slot, n in chunk.items() if slot in background)
         outputs = [(slot, k, row) for k, (slot, row) in enumerate(rows) if slot is not None]
         for slot, _, _ in outputs:
             if slot.generating:
@@ -493,6 +565,18 @@ class Engine:
         stats.fillers += len(fillers)
         stats.decode_s += t1 - t0
         stats.step_s += time.perf_counter() - now
+
+
+def _best_slot(slots: list[Slot], prompt: np.ndarray) -> Slot:
+    """The slot whose cache shares the most of `prompt`. A handful of shared tokens (the FIM
+    marker, an import line) is no reason to overwrite a cache someone else may come back to:
+    below that, the least recently used."""
+
+    def affinity(slot: Slot) -> tuple[int, float]:
+        shared = slot.common_prefix(prompt)
+        return (shared if shared >= min(REUSE_CHUNK, len(prompt) // 2) else 0, -slot.last_used)
+
+    return max(slots, key=affinity)
 
 
 def _same_file(a: list[int], b: list[int]) -> bool:

@@ -54,7 +54,11 @@ class Model:
         self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
-        self._piece = ctypes.create_string_buffer(256)
+        self.n_params = llama_cpp.llama_model_n_params(self.ptr)
+        # One piece buffer per thread: llama_token_to_piece releases the GIL, and the engine thread
+        # detokenizes generated tokens while /tokenize and /detokenize run on others. With one
+        # shared buffer a completion came back with another request's token text.
+        self._buffers = threading.local()
         self.token_cache = TokenCache()
         # Tokens that end a completion (end-of-generation and every other control token), as a
         # set: checked per generated token without a call into llama.cpp.
@@ -87,8 +91,12 @@ class Model:
         return list(ids)
 
     def piece(self, token: int, special: bool = False) -> bytes:
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
-        return self._piece.raw[:n] if n >= 0 else b""
+        """The bytes of one token (thread-safe)."""
+        buf = getattr(self._buffers, "piece", None)
+        if buf is None:
+            buf = self._buffers.piece = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n] if n >= 0 else b""
 
     def detokenize(self, tokens: list[int], special: bool = False) -> str:
         return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", errors="replace")
@@ -201,6 +209,9 @@ class Context:
             raise LlamaError(f"llama.cpp could not create a context of {n_seq_max} × {n_ctx} tokens", "try a smaller --ctx or --parallel")
         self.n_seq_max = n_seq_max
         self.threads = params.n_threads
+        # What a saved sequence state depends on besides the model: llama.cpp refuses a state of
+        # another stream count, and the V layout follows flash attention; GPU or CPU for good measure.
+        self.state_layout = f"seqs={n_seq_max};flash_attn={flash_attn};gpu={model.n_gpu_layers > 0}"
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ptr)  # per sequence; llama.cpp pads it to 256
         # llama.cpp caps n_batch at the (padded) context: a larger batch would abort in llama_decode.
         self.n_batch = llama_cpp.llama_n_batch(self.ptr)
@@ -278,11 +289,15 @@ class Context:
             raise LlamaError(f"llama.cpp saved {written} of {size} bytes of sequence {seq}'s state")
         return state
 
-    def seq_restore(self, seq: int, state: bytearray) -> bool:
-        """Replace `seq`'s cache with a saved state; False (and `seq` empty) if llama.cpp refuses it."""
+    def seq_restore(self, seq: int, state: bytearray, n_tokens: int) -> bool:
+        """Replace `seq`'s cache with a saved state of `n_tokens` positions; False (and `seq`
+        empty) if llama.cpp refuses it or what it restored is not positions 0..n_tokens-1 (a state
+        file is untrusted: a cell at a wild position would wedge the sequence)."""
         self.seq_keep(seq, 0)
         buf = (ctypes.c_uint8 * len(state)).from_buffer(state)
-        if llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(state), seq) == 0:
+        if llama_cpp.llama_state_seq_set_data(self.ptr, buf, len(state), seq) == 0 or \
+                (llama_cpp.llama_memory_seq_pos_min(self._memory, seq),
+                 llama_cpp.llama_memory_seq_pos_max(self._memory, seq)) != (0, n_tokens - 1):
             self.seq_keep(seq, 0)
             return False
         return True

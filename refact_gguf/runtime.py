@@ -32,6 +32,36 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if diff.size else n
 
 
+def reuse_plan(cached: np.ndarray, prompt: np.ndarray) -> tuple[int, list[tuple[int, int, int]]]:
+    """What a cache holding `cached` can keep of `prompt`: the count, and the runs to shift
+    (source position, destination, length), in order.
+
+    First the longest common prefix. Then llama-server's --cache-reuse: where text was removed
+    (an editor's extra-context chunk dropped, lines deleted, the head of a long file cut as it
+    grows), every later run of at least `REUSE_CHUNK` cached tokens that continues the prompt is
+    shifted back into place instead of being evaluated again. The shift is exact for Refact's
+    ALiBi positions; the shifted keys and values still reflect the removed text, as in
+    llama-server. (Text *inserted* before cached tokens cannot reuse them: llama.cpp decodes only
+    after the last cached position.) The prompt's last token is always evaluated, for its logits.
+    """
+    last = len(prompt) - 1
+    head = min(common_prefix(cached, prompt), last)
+    src, end = head, len(cached)
+    moves = []
+    if end - src >= REUSE_CHUNK and head < last:
+        old, new = cached.tolist(), prompt.tolist()
+        while src < end and head < last and end - src >= REUSE_CHUNK:
+            n = 0
+            while src + n < end and head + n < last and old[src + n] == new[head + n]:
+                n += 1
+            if n >= REUSE_CHUNK:
+                moves.append((src, head, n))
+                head, src = head + n, src + n
+            else:
+                src += 1
+    return head, moves
+
+
 class Slot:
     """One sequence of a context: the ids its KV cache holds, and the task it runs.
 
@@ -114,33 +144,17 @@ class Slot:
     def generating(self) -> bool:
         return self.task is not None and self.t_prompt is not None
 
-    def _reuse(self, prompt: np.ndarray) -> int:
-        """Bring the cache as close to `prompt` as it can without evaluating; returns the count
-        of prompt tokens it reused.
+    def reusable(self, prompt: np.ndarray) -> int:
+        """How many of `prompt`'s tokens `start` would keep from the cache (nothing changes)."""
+        return reuse_plan(self.cached[: self.n_cached], prompt)[0]
 
-        First the longest common prefix. Then llama-server's --cache-reuse: where text was
-        removed (an editor's extra-context chunk dropped, lines deleted), every later run of at
-        least `REUSE_CHUNK` cached tokens that continues the prompt is shifted back into place
-        instead of being evaluated again. The shift is exact for Refact's ALiBi positions; the
-        shifted keys and values still reflect the removed text, as in llama-server. (Text
-        *inserted* before cached tokens cannot reuse them: llama.cpp decodes only after the
-        last cached position.) The prompt's last token is always evaluated, for its logits.
-        """
-        last = len(prompt) - 1
-        head = min(self.common_prefix(prompt), last)
-        src, end = head, self.n_cached
-        if end - src >= REUSE_CHUNK and head < last:
-            old, new = self.cached[:end].tolist(), prompt.tolist()
-            while src < end and head < last and end - src >= REUSE_CHUNK:
-                n = 0
-                while src + n < end and head + n < last and old[src + n] == new[head + n]:
-                    n += 1
-                if n >= REUSE_CHUNK:
-                    self.ctx.seq_remove(self.seq, head, src)
-                    self.ctx.seq_shift(self.seq, src, src + n, head - src)
-                    head, src = head + n, src + n
-                else:
-                    src += 1
+    def _reuse(self, prompt: np.ndarray) -> int:
+        """Bring the cache as close to `prompt` as `reuse_plan` allows, without evaluating;
+        returns the count of prompt tokens it reused."""
+        head, moves = reuse_plan(self.cached[: self.n_cached], prompt)
+        for src, dst, n in moves:
+            self.ctx.seq_remove(self.seq, dst, src)
+            self.ctx.seq_shift(self.seq, src, src + n, dst - src)
         self.ctx.seq_keep(self.seq, head)  # whatever was not kept or shifted back
         if head != self.n_cached:
             self.edits += 1
