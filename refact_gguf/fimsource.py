@@ -39,11 +39,20 @@ def split_at(text: str, line: int, col: int) -> tuple[str, str]:
 
 
 def read_fim_input(prefix, suffix, prefix_file, suffix_file, file, line, col, stdin=None) -> tuple[str, str]:
+    """(prefix, suffix) from exactly one source; two sources given is an error, never one ignored."""
+    given = [name for name, value in (("--prefix", prefix), ("--suffix", suffix), ("--prefix-file", prefix_file),
+                                      ("--suffix-file", suffix_file)) if value is not None]
+    for a, b in (("--prefix", "--prefix-file"), ("--suffix", "--suffix-file")):
+        if a in given and b in given:
+            raise InputError(f"{a} and {b} both given", "use one of them")
     if file is not None:
+        if given:
+            raise InputError(f"--file and {given[0]} both given", "--file with --line/--col places the cursor in the file; leave out "
+                             + ", ".join(given))
         if line is None:
             raise RefactGGUFError("--file needs --line (and optionally --col) to place the cursor")
         return split_at(_read(file), line, col)
-    if prefix is not None or suffix is not None or prefix_file is not None or suffix_file is not None:
+    if given:
         before = _read(prefix_file) if prefix_file else (prefix or "")
         after = _read(suffix_file) if suffix_file else (suffix or "")
         return before, after

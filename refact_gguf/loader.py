@@ -302,6 +302,25 @@ def load_model(path: Path, n_gpu_layers: int = 0, vocab_only: bool = False) -> c
     return model
 
 
+def build_report() -> dict:
+    """What runs here, for `refact-gguf version` and bug reports: the packages, llama.cpp's library
+    and what it was built with, the GPU backend, AMX on the CPU and in the build, known problems."""
+    from . import __version__
+
+    info = system_info()
+    return {
+        "refact_gguf": __version__, "llama_cpp_python": llama_cpp.__version__,
+        "libllama": str(getattr(llama_cpp.llama_cpp._lib, "_name", "") or "unknown"),
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "backends": sorted({lib.name.removeprefix("libggml-").split(".")[0] for lib in _backend_libraries()
+                            if lib.name.startswith("libggml-") and not lib.name.startswith("libggml-base")}),
+        "system_info": " ".join(info.split()),
+        "cpu_amx": cpu_has_amx(), "build_amx": build_has_amx(), "repack": repack_safe(),
+        "platform": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
+        "problems": build_problems(),
+    }
+
+
 if __name__ == "__main__":
     # `python -m refact_gguf.loader`: the install script's check of what pip actually built.
     import sys

@@ -14,10 +14,11 @@ from refact_gguf.server import Limits, _listen, create_app, uvicorn_config
 
 
 @contextmanager
-def running(q4_model, parallel=2, keys=None, limits=Limits(max_predict=64), engine=Engine, cors_origins=None):
+def running(q4_model, parallel=2, keys=None, limits=Limits(max_predict=64), engine=Engine, cors_origins=None,
+            log_requests=False):
     model = Model(q4_model)
     eng = engine(model, n_ctx=1024, parallel=parallel, threads=1, max_queue=limits.max_queue).start()
-    app = create_app(eng, q4_model.name, keys, limits, cors_origins)
+    app = create_app(eng, q4_model.name, keys, limits, cors_origins, log_requests)
     sock = _listen("127.0.0.1", 0)  # the socket `serve` listens on, not one uvicorn would make
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn_config(app, limits))

@@ -40,23 +40,23 @@ def _auth(key: str) -> dict:
 def test_every_key_in_the_file_is_accepted_and_a_removed_one_is_refused_after_the_change(q4_model, tmp_path, monkeypatch):
     monkeypatch.setattr(keys_module, "CHECK_EVERY_S", 0.0)
     path = tmp_path / "keys"
-    _write(path, f"# the team\n{ALICE} alice\n{BOB}   bob  # laptop\n\n")
+    _write(path, f"# the team\n{ALICE}  # alice\n{BOB}   # bob\n\n")
     with running(q4_model, parallel=1, keys=ApiKeys(path=path)) as u:
         body = {"input_prefix": "def f(", "n_predict": 2}
         assert [httpx.post(f"{u}/infill", json=body, headers=_auth(k)).status_code for k in (ALICE, BOB, CAROL)] == [200, 200, 401]
         assert httpx.post(f"{u}/infill", json=body).status_code == 401
         assert httpx.post(f"{u}/infill", json=body, headers={"Authorization": "Bearer"}).status_code == 401  # llama.vim with no key set
         assert httpx.get(f"{u}/health").status_code == 200  # a proxy's health check carries no key
-        _write(path, f"{ALICE} alice\n{CAROL} carol\n")
+        _write(path, f"{ALICE}  # alice\n{CAROL}  # carol\n")
         assert [httpx.post(f"{u}/infill", json=body, headers=_auth(k)).status_code for k in (ALICE, BOB, CAROL)] == [200, 401, 200]
 
 
 def test_sighup_reads_the_file_again_and_a_broken_file_keeps_the_keys(tmp_path, caplog):
     path = tmp_path / "keys"
-    _write(path, f"{ALICE} alice\n")
+    _write(path, f"{ALICE}  # alice\n")
     keys = ApiKeys(path=path)
     keys._checked = float("inf")  # only an explicit reload (SIGHUP) reads it
-    _write(path, f"{BOB} bob\n")
+    _write(path, f"{BOB}  # bob\n")
     assert keys.person(f"Bearer {BOB}") is None
     signal.signal(signal.SIGHUP, lambda *_: keys.reload())
     try:
@@ -75,11 +75,11 @@ def test_sighup_reads_the_file_again_and_a_broken_file_keeps_the_keys(tmp_path, 
 def test_no_key_is_ever_logged(q4_model, tmp_path, caplog, capfd, monkeypatch):
     monkeypatch.setattr(keys_module, "CHECK_EVERY_S", 0.0)
     path = tmp_path / "keys"
-    _write(path, f"{ALICE} alice\n{BOB} bob\n")
+    _write(path, f"{ALICE}  # alice\n{BOB}  # bob\n")
     with caplog.at_level(logging.DEBUG), running(q4_model, parallel=1, keys=ApiKeys(path=path)) as u:
         httpx.post(f"{u}/infill", json={"input_prefix": "x", "n_predict": 1}, headers=_auth(ALICE))
         httpx.post(f"{u}/infill", json={"input_prefix": "x", "n_predict": 1}, headers=_auth(CAROL))
-        _write(path, f"{BOB} bob\n")
+        _write(path, f"{BOB}  # bob\n")
         httpx.get(f"{u}/props", headers=_auth(BOB))
         path.write_bytes(b"\xff")
         httpx.get(f"{u}/props", headers=_auth(BOB))
@@ -113,7 +113,7 @@ def free_port() -> int:
 def test_the_shipped_haproxy_config_keeps_each_key_on_one_replica(q4_model, tmp_path):
     path = tmp_path / "keys"
     people = [f"sk-person-{i:02d}" for i in range(8)]
-    _write(path, "".join(f"{k} p{i}\n" for i, k in enumerate(people)))
+    _write(path, "".join(f"{k}  # p{i}\n" for i, k in enumerate(people)))
     with running(q4_model, parallel=1, keys=ApiKeys(path=path)) as a, running(q4_model, parallel=1, keys=ApiKeys(path=path)) as b:
         front = free_port()
         cfg = tmp_path / "haproxy.cfg"

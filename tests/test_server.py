@@ -425,19 +425,23 @@ def test_sigterm_stops_serving_and_writes_the_caches(q4_model, tmp_path):
     assert list((tmp_path / "kv").rglob("*.kv")), "the slot's cache was not written at shutdown"
 
 
-def test_a_cache_dir_that_cannot_be_one_is_one_line(q4_model, tmp_path):
-    from typer.testing import CliRunner
-
-    from refact_gguf.cli import app
+def test_a_cache_dir_that_cannot_be_one_is_reported_and_serving_goes_on(q4_model, tmp_path):
+    """A cache problem never stops serving (issue #30): said once, shown by /health, memory only."""
+    from refact_gguf.prompt_cache import model_fingerprint
 
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = CliRunner().invoke(app, ["serve", "-m", str(q4_model), "--port", str(port), "--cache-dir", str(a_file)])
-    assert r.exit_code == 1 and "cannot keep KV caches in" in r.output and "--cache-disk-mb 0" in r.output, r.output
-    assert "Traceback" not in r.output
+
+    class OnAFile(Engine):
+        def __init__(self, model, **options):
+            cache = PromptCache(64 << 20, model_fingerprint(model.path), a_file, 64 << 20, model.path.name)
+            super().__init__(model, cache=cache, **options)
+
+    with running(q4_model, parallel=1, engine=OnAFile) as u:
+        health = httpx.get(f"{u}/health").json()["prompt_cache"]
+        assert health["disk"] is None and "not kept on disk" in health["problem"], health
+        assert httpx.post(f"{u}/infill", json={"input_prefix": PREFIX, "n_predict": 4}).status_code == 200
+    assert a_file.read_text() == "x"
 
 
 @pytest.mark.parametrize("sent", [b"", b"POST /infill HT", b"GET /health HTTP/1.1\r\nHost: x\r\n"])

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
+import logging
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +40,8 @@ from . import llama_api, ollama_api, openai_api
 from .common import Limits, Service, error_body, error_status
 from .keys import ApiKeys
 
+log = logging.getLogger("refact_gguf.server")
+request_log = logging.getLogger("refact_gguf.requests")
 __all__ = ["ApiKeys", "Limits", "Service", "create_app", "serve"]
 
 
@@ -57,8 +62,9 @@ async def _http_error(request, e: StarletteHTTPException):
 
 
 def create_app(engine: Engine, model_name: str, keys: ApiKeys | str | None = None, limits: Limits = Limits(),
-               cors_origins: list[str] | None = None) -> FastAPI:
-    """The ASGI app over a started engine; `keys` (or one key) required on every endpoint but /health."""
+               cors_origins: list[str] | None = None, log_requests: bool = False) -> FastAPI:
+    """The ASGI app over a started engine; `keys` (or one key) required on every endpoint but
+    /health; `log_requests`: a line per request on the `refact_gguf.requests` logger."""
     keys = ApiKeys(keys) if isinstance(keys, str) else keys
     app = FastAPI(title="refact-gguf", version=__version__)
     app.state.service = Service(engine, model_name, limits)
@@ -72,7 +78,42 @@ def create_app(engine: Engine, model_name: str, keys: ApiKeys | str | None = Non
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+    if log_requests:
+        app.add_middleware(_RequestLog)  # outermost: refused requests are logged too
     return app
+
+
+class _RequestLog:
+    """One line per request, as people grep them: time, method, route, status, client, time taken,
+    and for generations the tokens evaluated, cached and generated and whether the answer came from
+    the lines around the cursor. Never a key, a header or any code."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), 0
+
+        async def watched(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            line = (f'{time.strftime("%Y-%m-%dT%H:%M:%S%z")} {scope["method"]} {scope["path"]} {status or "-"}'
+                    f" client={client[0]}:{client[1]} ms={(time.perf_counter() - t0) * 1e3:.1f}")
+            c = scope.get("state", {}).get("completion")
+            if c is not None:
+                line += (f" prompt={c.prompt_tokens} evaluated={c.tokens_evaluated} cached={c.tokens_cached}"
+                         f" generated={c.tokens_predicted} stop={c.stop_reason.replace(' ', '_')}"
+                         f" context={'short' if c.short_context else 'full'}")
+            request_log.info("%s", line)
 
 
 class _Guard:
@@ -131,7 +172,8 @@ class _Guard:
 def serve(model_path, host: str = "127.0.0.1", port: int = 8012, keys: ApiKeys | None = None, parallel: int = 1,
           n_ctx: int = 4096, threads: int | None = None, gpu_layers: str | int = 0, limits: Limits = Limits(),
           cors_origins: list[str] | None = None, cache_mb: int | None = None, cache_disk_mb: int = 2048,
-          cache_dir: Path | None = None, on_ready: Callable[[str], None] = lambda url: None) -> None:
+          cache_dir: Path | None = None, on_ready: Callable[[str], None] = lambda url: None,
+          log_requests: bool = False) -> None:
     """Load the model once, start an engine of `parallel` sequences on it, and serve until
     interrupted. Files' KV caches are kept in `cache_mb` of memory (default: from free RAM) and
     `cache_disk_mb` under `cache_dir` (default: the user's cache directory; 0 MB: none). A keys
@@ -147,10 +189,12 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8012, keys: ApiKeys |
     with sock, Model(model_path, resolve_gpu_layers(gpu_layers, model_path)) as model, \
             Engine(model, n_ctx=n_ctx, parallel=parallel, threads=threads, max_queue=limits.max_queue,
                    cache=cache).start() as engine:
-        app = create_app(engine, model_path.name, keys, limits, cors_origins)
-        server = _GracefulServer(uvicorn_config(app, limits))
-        if keys is not None and keys.path is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGHUP, lambda *_: keys.reload())
+        app = create_app(engine, model_path.name, keys, limits, cors_origins, log_requests)
+        server = _GracefulServer(uvicorn_config(app, limits), engine)
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP"):
+            # SIGHUP reads a keys file again; without one it is answered, not the default "terminate".
+            signal.signal(signal.SIGHUP, lambda *_: keys.reload() if keys is not None and keys.path is not None
+                          else log.warning("SIGHUP: no keys file to read again"))
         on_ready(f"http://{host}:{port}")
         server.run(sockets=[sock])
 
@@ -175,6 +219,10 @@ class _HeadTimeout(H11Protocol):
         super().connection_made(transport)
         self._watch_head()
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """No WebSocket here: an upgrade request is answered as plain HTTP (401, 404), not logged
+        twice per request (anyone could fill the log with them)."""
+
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         self._watch_head()
@@ -198,7 +246,25 @@ class _HeadTimeout(H11Protocol):
 class _GracefulServer(uvicorn.Server):
     """SIGINT and SIGTERM only stop serving. uvicorn re-raises the signal after its shutdown, and
     the default SIGTERM action ends the process before the engine closes: the slots' KV caches never
-    reach the disk, and a service manager sees a kill instead of exit 0."""
+    reach the disk, and a service manager sees a kill instead of exit 0.
+
+    The first signal lets requests in flight finish, saying so; a second cancels them, so the
+    shutdown is quick and quiet (uvicorn's own "force exit" printed tracebacks)."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine):
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.should_exit:
+            cancelled = self.engine.cancel_all()
+            log.warning("stopping now: %d request(s) cancelled", cancelled)
+            return
+        load = self.engine.load()
+        if load["busy"] or load["waiting"]:
+            log.warning("stopping: waiting for %d request(s) in flight to finish (Ctrl-C again to cancel them)",
+                        load["busy"] + load["waiting"])
+        self.should_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -222,8 +288,14 @@ def _listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        # Listening now, not when uvicorn starts after the model loads: with SO_REUSEADDR two
+        # sockets may bind one port until one listens, so two servers started together both got
+        # past here and the second died in uvicorn with tracebacks.
+        sock.listen(2048)
     except OSError as e:
         sock.close()
-        raise RefactGGUFError(f"cannot listen on {host}:{port}: {e.strerror}",
-                              "choose another --port, or stop what is serving there") from None
+        hint = ("choose another --port, or stop what is serving there" if e.errno == errno.EADDRINUSE
+                else "choose another --host: an address of this machine (127.0.0.1, 0.0.0.0, …)"
+                if isinstance(e, socket.gaierror) or e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) else None)
+        raise RefactGGUFError(f"cannot listen on {host}:{port}: {e.strerror}", hint) from None
     return sock

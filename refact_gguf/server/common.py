@@ -75,6 +75,26 @@ class _Body(BaseModel):
         return _valid_text(data)
 
 
+# Fields that constrain or restructure the answer (grammars, JSON output, tool calls): silently
+# ignoring them would hand back an answer of another shape than the one asked for.
+CONSTRAINTS = ("grammar", "json_schema", "response_format", "tools", "tool_choice", "functions", "format")
+
+
+class _Request(_Body):
+    """A request's top level: refuses, by name, what this server cannot honour."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data):
+        if isinstance(data, dict):
+            for name in CONSTRAINTS:
+                value = data.get(name)
+                if value in (None, "", [], {}) or (name == "response_format" and value == {"type": "text"}):
+                    continue
+                raise InputError(f"{name}: not supported by this server (it generates plain text)", "leave it out")
+        return data
+
+
 def error_body(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"code": status, "message": message, "type": kind}}, status_code=status)
 
@@ -130,7 +150,8 @@ async def complete(request: Request, build: Callable[[], Task]) -> Completion:
             await drain
     finally:
         watcher.cancel()
-    return submitted.result()
+    completion = request.state.completion = submitted.result()  # for the request log
+    return completion
 
 
 async def stream(request: Request, build: Callable[[], Task], chunk: Callable[[str], dict],
@@ -151,7 +172,7 @@ async def stream(request: Request, build: Callable[[], Task], chunk: Callable[[s
             async for text in submitted.pieces():
                 yield frame(chunk(text))
             try:
-                completion = submitted.result()
+                completion = request.state.completion = submitted.result()
             except RefactGGUFError as e:
                 status, kind = error_status(e)
                 yield frame({"error": str(e)} if ndjson else {"error": {"code": status, "message": str(e), "type": kind}})

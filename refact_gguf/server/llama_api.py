@@ -18,10 +18,13 @@ from ..engine import LATENCY_BUCKETS
 from ..errors import InputError
 from ..tasks import Completion, Sampling, StopRules, Task
 from ..tokens import CHAT_TEMPLATE
-from .common import Service, _Body, check_predict, complete, stream
+from .common import _Request, Service, _Body, check_predict, complete, stream
 
 # llama-server separates input_extra chunks this way when the vocab has no FIM_SEP token.
 SNIPPET_SEPARATOR = "\n\n--- snippet ---\n\n"
+# /tokenize and /detokenize are bounded: a few megabytes of either held a thread for half a minute.
+MAX_TOKENIZE_CHARS = 1 << 20
+MAX_DETOKENIZE_IDS = 1 << 18
 
 router = APIRouter()
 
@@ -31,7 +34,7 @@ class ExtraChunk(_Body):
     text: str = ""
 
 
-class _Generation(_Body):
+class _Generation(_Request):
     """What llama-server's /infill and /completion share."""
 
     n_predict: int = Field(default=-1, ge=-1)
@@ -72,13 +75,13 @@ class CompletionRequest(_Generation):
 
 
 class TokenizeRequest(_Body):
-    content: str
+    content: str = Field(max_length=MAX_TOKENIZE_CHARS)
     parse_special: bool = True
     with_pieces: bool = False
 
 
 class DetokenizeRequest(_Body):
-    tokens: list[int]
+    tokens: list[int] = Field(max_length=MAX_DETOKENIZE_IDS)
 
 
 def timings(c: Completion) -> dict[str, Any]:
@@ -108,7 +111,9 @@ def infill_result(c: Completion, model_name: str, content: str | None = None) ->
 async def health(request: Request):
     engine = request.app.state.service.engine
     cache = engine.cache
-    saved = {"entries": len(cache), "memory_mb": round(cache.memory_used / 2**20, 1)} if cache is not None else None
+    saved = {"entries": len(cache), "memory_mb": round(cache.memory_used / 2**20, 1),
+             "disk": str(cache.directory) if cache.directory is not None else None, "problem": cache.problem,
+             "files_rejected": cache.rejected} if cache is not None else None
     return {"status": "ok", **engine.load(), "engine": asdict(engine.stats), "prompt_cache": saved}
 
 
@@ -163,10 +168,14 @@ async def completion(body: CompletionRequest, request: Request):
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request):
     model = request.app.state.service.engine.model
-    ids = await asyncio.to_thread(model.tokenize, body.content, body.parse_special)
-    if body.with_pieces:
-        return {"tokens": [{"id": t, "piece": model.piece(t, special=True).decode("utf-8", errors="replace")} for t in ids]}
-    return {"tokens": ids}
+
+    def run():  # off the event loop: every other route, /health included, goes on meanwhile
+        ids = model.tokenize(body.content, body.parse_special)
+        if body.with_pieces:
+            return [{"id": t, "piece": model.piece(t, special=True).decode("utf-8", errors="replace")} for t in ids]
+        return ids
+
+    return {"tokens": await asyncio.to_thread(run)}
 
 
 @router.post("/detokenize")
@@ -174,7 +183,7 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     model = request.app.state.service.engine.model
     if any(not 0 <= t < model.n_vocab for t in body.tokens):
         raise InputError(f"tokens: ids must be in [0, {model.n_vocab})")
-    return {"content": model.detokenize(body.tokens, special=True)}
+    return {"content": await asyncio.to_thread(model.detokenize, body.tokens, True)}
 
 
 @router.get("/props")

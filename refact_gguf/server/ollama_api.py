@@ -21,7 +21,7 @@ from pydantic import Field
 from .. import tasks
 from ..chat import Message
 from ..tasks import Completion, Sampling, Task
-from .common import Service, _Body, complete, predict_limit, stream
+from .common import _Request, Service, _Body, complete, predict_limit, stream
 
 router = APIRouter()
 
@@ -52,7 +52,7 @@ class Options(_Body):
                         base.seed if self.seed is None else self.seed)
 
 
-class _OllamaRequest(_Body):
+class _OllamaRequest(_Request):
     model: str = ""
     stream: bool = True
     options: Options = Field(default_factory=Options)
@@ -82,8 +82,13 @@ class ShowRequest(_Body):
 # ------------------------------------------------------------------------------------ shapes
 
 
+def _size_label(n_params: int) -> str:
+    """Ollama's parameter_size: 1.6B for the released model, 86M for a small stand-in."""
+    return f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{n_params / 1e6:.0f}M"
+
+
 @functools.cache
-def _model_facts(path: Path, n_ctx: int) -> dict[str, Any]:
+def _model_facts(path: Path, n_ctx: int, n_params: int) -> dict[str, Any]:
     from ..prompt_cache import model_fingerprint
 
     st = path.stat()
@@ -93,13 +98,14 @@ def _model_facts(path: Path, n_ctx: int) -> dict[str, Any]:
         "digest": model_fingerprint(path),  # of name, size, time and header: hashing a GiB per start is not worth it
         "modified_at": datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat(),
         "details": {"parent_model": "", "format": "gguf", "family": "refact", "families": ["refact"],
-                    "parameter_size": "1.6B", "quantization_level": quant},
-        "context_length": n_ctx,
+                    "parameter_size": _size_label(n_params), "quantization_level": quant},
+        "context_length": n_ctx, "parameter_count": n_params,
     }
 
 
 def _facts(service: Service) -> dict[str, Any]:
-    return _model_facts(service.engine.model.path, service.engine.n_ctx)
+    model = service.engine.model
+    return _model_facts(model.path, service.engine.n_ctx, model.n_params)
 
 
 def _now() -> str:
@@ -149,7 +155,7 @@ async def show(body: ShowRequest, request: Request):
         "modelfile": f"FROM {service.engine.model.path}\nTEMPLATE \"\"\"{TEMPLATE}\"\"\"\n",
         # Continue reads num_ctx from here, a `key value` line each
         "parameters": f"num_ctx {facts['context_length']}", "template": TEMPLATE, "details": facts["details"], "modified_at": facts["modified_at"],
-        "model_info": {"general.architecture": "refact", "general.parameter_count": 1_590_000_000,
+        "model_info": {"general.architecture": "refact", "general.parameter_count": facts["parameter_count"],
                        "refact.context_length": facts["context_length"]},
         "capabilities": ["completion", "insert"],
     }

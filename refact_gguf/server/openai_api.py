@@ -14,12 +14,12 @@ from .. import tasks
 from ..chat import Message
 from ..errors import InputError
 from ..tasks import Completion, Sampling, Task
-from .common import Service, _Body, complete, predict_limit, stream
+from .common import _Request, Service, _Body, complete, predict_limit, stream
 
 router = APIRouter()
 
 
-class _OpenAIRequest(_Body):
+class _OpenAIRequest(_Request):
     """The fields OpenAI's completion and chat requests share."""
 
     model: str | None = None
