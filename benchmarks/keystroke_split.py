@@ -4,6 +4,7 @@ outside them (HTTP, parsing, building the prompt). One JSON line:
     python benchmarks/keystroke_split.py http://127.0.0.1:8012 LABEL [--json results.jsonl]
 """
 
+import argparse
 import json
 import statistics
 import sys
@@ -15,7 +16,12 @@ from team_replay import files, http_sender, requests  # noqa: E402
 
 
 def main() -> None:
-    url, label = sys.argv[1], sys.argv[2]
+    p = argparse.ArgumentParser(description=__doc__.split("\n    python")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("url", help="the server, e.g. http://127.0.0.1:8012")
+    p.add_argument("label", help="what to call it in the output")
+    p.add_argument("--json", type=Path, help="append the result line to this file")
+    args = p.parse_args()
+    url, label = args.url, args.label
     send = http_sender(url)
     rows = []
     for k, body in enumerate(requests(files(1)[0], 8, 16)):
@@ -34,8 +40,8 @@ def main() -> None:
            "outside_ms_p50": p50(lambda r: r["ms"] - r["prompt_ms"] - r["predicted_ms"]),
            "prompt_n": statistics.mean(r["prompt_n"] for r in rows), "predicted_n": statistics.mean(r["predicted_n"] for r in rows)}
     print(json.dumps(out))
-    if "--json" in sys.argv:
-        with open(sys.argv[sys.argv.index("--json") + 1], "a") as f:
+    if args.json:
+        with open(args.json, "a") as f:
             f.write(json.dumps(out) + "\n")
 
 

@@ -4,9 +4,12 @@ speaks llama-server's /infill (refact-gguf serve, llama-server).
 
 Each person's cursor is on a new line near line 110 of their file; the request carries what
 llama.vim sends (up to 256 lines before the cursor, 64 after, the typed part of the line in
-`prompt`). Phase 1: everyone's first (cold) request at once. Phase 2, after all have answered:
-`--keystrokes` warm keystrokes each. Greedy for every server alike (`top_k: 1`,
-`samplers: ["top_k"]`, temperature 0); tokens evaluated and generated are reported beside latency.
+`prompt`), or with `--whole-files` everything before the cursor and the rest of the file (prompts up
+to the context limit, cut by the server). Phase 1: everyone's first (cold) request at once. Phase 2,
+after all have answered: `--keystrokes` warm keystrokes each, together or `--stagger-ms` apart.
+Greedy for every server alike (`top_k: 1`, `samplers: ["top_k"]`, temperature 0); tokens
+evaluated and generated are reported beside latency, and against refact-gguf the engine's own
+counters over the warm phase (saves, restores, short answers, background tokens).
 
     python benchmarks/team_replay.py --url http://127.0.0.1:8012 --typists 8
     python benchmarks/team_replay.py --url http://127.0.0.1:8080 --typists 8 --label llama-server --json out.json
@@ -33,20 +36,30 @@ def files(n: int) -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     pool = sorted(p for p in root.glob("*.py") if 200 <= p.read_text(errors="replace").count("\n") and p.stat().st_size < 120_000)
     step = max(1, len(pool) // n)
-    return pool[::step][:n]
+    return (pool[::step] * n)[:n]  # more people than modules: some share a file, as a team does
 
 
-def requests(path: Path, keystrokes: int, n_predict: int) -> list[dict]:
+def requests(path: Path, keystrokes: int, n_predict: int, whole: bool = False, budget_ms: int = 600000) -> list[dict]:
     lines = path.read_text(errors="replace").splitlines(keepends=True)
     cursor = min(110, len(lines) - 65)
-    prefix = "".join(lines[max(0, cursor - 256) : cursor])
-    suffix = "\n" + "".join(lines[cursor : cursor + 64])
+    prefix = "".join(lines[0 if whole else max(0, cursor - 256) : cursor])
+    suffix = "\n" + "".join(lines[cursor : None if whole else cursor + 64])
     step = max(1, len(LINE) // (keystrokes + 1))
     return [{
         "input_prefix": prefix, "input_suffix": suffix, "input_extra": [], "prompt": LINE[: k * step],
         "n_predict": n_predict, "n_indent": 0, "top_k": 1, "samplers": ["top_k"], "temperature": 0.0,
-        "stream": False, "cache_prompt": True, "t_max_prompt_ms": 600000, "t_max_predict_ms": 600000,
+        "stream": False, "cache_prompt": True, "t_max_prompt_ms": budget_ms, "t_max_predict_ms": 600000,
     } for k in range(keystrokes + 1)]
+
+
+def server_counters(url: str) -> dict | None:
+    """refact-gguf's engine counters (None from a server without them, e.g. llama-server)."""
+    try:
+        engine = httpx.get(f"{url}/health", timeout=30).json().get("engine")
+    except (httpx.HTTPError, ValueError):
+        return None
+    return {k: engine[k] for k in ("cache_saves", "cache_restores", "short_answers", "background_tokens",
+                                   "tokens_evaluated")} if engine else None
 
 
 def http_sender(url: str, keys: list[str] | None = None):
@@ -79,14 +92,23 @@ def engine_sender(engine):
     return send
 
 
-def replay(send, typists: int, keystrokes: int, n_predict: int) -> dict:
-    return summarize(run(send, typists, keystrokes, n_predict), typists, keystrokes, n_predict)
+def replay(send, typists: int, keystrokes: int, n_predict: int, counters=lambda: None, **options) -> dict:
+    marks: list = []
+    rows = run(send, typists, keystrokes, n_predict, on_warm=lambda: marks.append(counters()), **options)
+    summary = summarize(rows, typists, keystrokes, n_predict)
+    before, after = marks[0] if marks else None, counters()
+    if before and after:  # per warm keystroke, what the engine did besides answering
+        n = max(1, sum(r["k"] > 0 for r in rows))
+        summary["per_warm_keystroke"] = {k: round((after[k] - before[k]) / n, 2) for k in before}
+    return summary
 
 
-def run(send, typists: int, keystrokes: int, n_predict: int, pause_s: float = 0.0) -> list[dict]:
+def run(send, typists: int, keystrokes: int, n_predict: int, pause_s: float = 0.0, whole: bool = False,
+        budget_ms: int = 600000, stagger_ms: float = 0.0, on_warm=lambda: None) -> list[dict]:
     """Phase 1 (every first, cold request at once), then phase 2 (warm keystrokes, `pause_s`
-    apart): one row a request, `end` and `start` on time.perf_counter()'s clock."""
-    plans = [requests(p, keystrokes, n_predict) for p in files(typists)]
+    apart, typist i starting `i * stagger_ms` late): one row a request, `end` and `start` on
+    time.perf_counter()'s clock. `on_warm` runs once between the phases."""
+    plans = [requests(p, keystrokes, n_predict, whole, budget_ms) for p in files(typists)]
     rows: list[dict] = []
     lock = threading.Lock()
     cold_done = threading.Barrier(typists + 1)
@@ -103,6 +125,7 @@ def run(send, typists: int, keystrokes: int, n_predict: int, pause_s: float = 0.
         one(who, 0, plans[who][0])
         cold_done.wait()
         warm_go.wait()
+        time.sleep(who * stagger_ms / 1e3)
         for k, body in enumerate(plans[who][1:], 1):
             time.sleep(pause_s)
             one(who, k, body)
@@ -111,6 +134,7 @@ def run(send, typists: int, keystrokes: int, n_predict: int, pause_s: float = 0.
     for t in threads:
         t.start()
     cold_done.wait()
+    on_warm()
     warm_go.set()
     for t in threads:
         t.join()
@@ -150,11 +174,16 @@ def main() -> None:
     ap.add_argument("--typists", type=int, default=8)
     ap.add_argument("--keystrokes", type=int, default=6)
     ap.add_argument("--n-predict", type=int, default=16)
+    ap.add_argument("--whole-files", action="store_true", help="the whole file around the cursor, not 256/64 lines")
+    ap.add_argument("--stagger-ms", type=float, default=0.0, help="typist i starts typing i × this late")
+    ap.add_argument("--budget-ms", type=int, default=600000, help="t_max_prompt_ms sent (llama.vim: 500)")
     ap.add_argument("--label", default="")
     ap.add_argument("--json", type=Path, help="append the summary as one JSON line")
     args = ap.parse_args()
+    options = {"whole": args.whole_files, "stagger_ms": args.stagger_ms, "budget_ms": args.budget_ms}
     if args.url:
-        summary = replay(http_sender(args.url.rstrip("/")), args.typists, args.keystrokes, args.n_predict)
+        url = args.url.rstrip("/")
+        summary = replay(http_sender(url), args.typists, args.keystrokes, args.n_predict, lambda: server_counters(url), **options)
     else:
         from refact_gguf.engine import Engine
         from refact_gguf.llama import Model
@@ -162,7 +191,7 @@ def main() -> None:
 
         with Model(args.model, gpu_layers(args.gpu_layers, args.model)) as model, \
                 Engine(model, parallel=args.typists, threads=args.threads).start() as engine:
-            summary = replay(engine_sender(engine), args.typists, args.keystrokes, args.n_predict)
+            summary = replay(engine_sender(engine), args.typists, args.keystrokes, args.n_predict, **options)
             summary["engine"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(engine.stats).items()}
     summary = {"label": args.label, **summary}
     print(json.dumps(summary))

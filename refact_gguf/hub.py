@@ -51,7 +51,8 @@ class HubError(RefactGGUFError):
 @dataclass(frozen=True)
 class HubConfig:
     """Where and how to reach the Hub, read from the environment at call time (HF_ENDPOINT,
-    HF_HOME / HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE), as huggingface_hub reads them at import."""
+    HF_HOME / HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE), as huggingface_hub
+    reads them at import."""
 
     endpoint: str
     cache_dir: Path
@@ -74,7 +75,8 @@ class HubConfig:
             endpoint=(env.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/"),
             cache_dir=cache.expanduser(),
             token=get_token(),
-            offline=env.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"},
+            # huggingface_hub's rule: either variable (transformers users have the older one set)
+            offline=any(env.get(v, "").upper() in {"1", "ON", "YES", "TRUE"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")),
         )
         return cls(**{**config.__dict__, **overrides})
 

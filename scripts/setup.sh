@@ -15,6 +15,20 @@ DEV=0
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
+# Run "$@", saying every 30 s that it is still at work (a compile is otherwise silent for minutes).
+working() {
+    local label=$1; shift
+    "$@" & local pid=$! start=$SECONDS next=30
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 1
+        if (( SECONDS - start >= next )); then
+            say "$label: still working, $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
+            next=$(( next + 30 ))
+        fi
+    done
+    wait "$pid"
+}
+
 [ -x .venv/bin/python ] || { say "creating .venv"; "$PY" -m venv .venv; }
 VPY=.venv/bin/python
 $VPY -m pip install -q -U pip
@@ -37,7 +51,7 @@ fi
 
 if ! $VPY -c "import llama_cpp" 2>/dev/null; then
     say "installing $LLAMA_CPP_PYTHON (compiles llama.cpp: about 5 minutes on 2 cores, once)"
-    $VPY -m pip install -q "$LLAMA_CPP_PYTHON"
+    working "compiling llama.cpp" $VPY -m pip install -q "$LLAMA_CPP_PYTHON"
 fi
 say "installing refact-gguf"
 if [ $DEV = 1 ]; then $VPY -m pip install -q -e ".[test]"; else $VPY -m pip install -q -e .; fi
@@ -46,7 +60,7 @@ if [ $DEV = 1 ]; then $VPY -m pip install -q -e ".[test]"; else $VPY -m pip inst
 # reused silently. Check what we got against this machine, and rebuild once if it is wrong.
 if ! $VPY -m refact_gguf.loader >/dev/null; then
     say "the installed llama.cpp does not suit this CPU: rebuilding without pip's cache"
-    $VPY -m pip install -q --no-cache-dir --force-reinstall --no-deps "$LLAMA_CPP_PYTHON"
+    working "compiling llama.cpp" $VPY -m pip install -q --no-cache-dir --force-reinstall --no-deps "$LLAMA_CPP_PYTHON"
     $VPY -m refact_gguf.loader >/dev/null
 fi
 

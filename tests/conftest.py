@@ -33,10 +33,18 @@ if __name__ == "__main__":
 
 
 @pytest.fixture(scope="session", autouse=True)
-def private_cache_home(tmp_path_factory):
-    """Saved KV caches and anything else a test writes to the user's cache go to a temporary one."""
+def private_environment(tmp_path_factory):
+    """Every test starts from the same environment, whatever the user's shell exported: saved KV
+    caches and anything else written to the user's cache go to a temporary one, and the offline
+    switches are off (a test that wants offline sets them). huggingface_hub reads HF_HUB_OFFLINE
+    and TRANSFORMERS_OFFLINE once, at import: its constant is reset too."""
+    from huggingface_hub import constants
+
     mp = pytest.MonkeyPatch()
     mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache_home")))
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        mp.delenv(name, raising=False)
+    mp.setattr(constants, "HF_HUB_OFFLINE", False)
     yield
     mp.undo()
 
