@@ -6,7 +6,9 @@
 #            and `llama-server -np N` (4096 tokens per slot, per-slot KV), alternating, a fresh server each run.
 #   keystroke: one typist against both servers up at once, ABBA over 6 rounds (benchmarks/keystroke_ab.sh),
 #            and decoding at depth 1500: `refact-gguf bench --depth 1500` vs `llama-bench -d 1500`, alternating.
-#   bash benchmarks/gpu_team.sh [all|batched|team|keystroke|setup]     (TYPISTS="1 8" for fewer team sizes)
+#   matrix:  benchmarks/replay_matrix.sh (issue #25's cells: typists × whole files or 256/64 lines ×
+#            together or staggered; ours fresh and over the cache an earlier server left; llama-server)
+#   bash benchmarks/gpu_team.sh [all|batched|team|keystroke|matrix|setup]     (TYPISTS="1 8" for fewer team sizes)
 # llama.cpp is built from the carried sdist into .gpu/ (ignored by git), which a warm machine keeps
 # between calls. Needs, carried beside the repo: .whl/ and .sdist/llama-src.tar.gz (docs/benchmarks.md).
 STEPS=${1:-all}
@@ -41,6 +43,12 @@ EOF
 fi
 
 [ "$STEPS" = setup ] && exit 0
+if [ "$STEPS" = matrix ]; then
+    log "replay matrix: TYPISTS=${TYPISTS:-1 8 32} FILES=${FILES:-whole window} STARTS=${STARTS:-together staggered}"
+    PYTHON=python3 THREADS=16 GPU_LAYERS=99 OUT=$OUT WORK=$W/matrix bash benchmarks/replay_matrix.sh "$M" "$B"
+    log "done"
+    exit 0
+fi
 if [ "$STEPS" = keystroke ]; then
     log "keystroke: both servers up, ABBA"
     PYTHON=python3 THREADS=16 GPU_LAYERS=99 LS_FLAGS=" " ROUNDS=${ROUNDS:-6} OUT=$OUT/keystroke bash benchmarks/keystroke_ab.sh "$M" "$B"

@@ -67,11 +67,10 @@ def test_completions_under_tokenize_load_equal_the_same_requests_alone(q4_model)
                     c.post(f"{u}/detokenize", json={"tokens": list(range(100, 2100))})
                     c.post(f"{u}/tokenize", json={"content": "def hello(world): return 42\n" * 40, "with_pieces": True})
 
-        with ThreadPoolExecutor(6) as pool:
+        with ThreadPoolExecutor(2) as pool:
             noise = [pool.submit(hammer) for _ in range(2)]
-            try:
-                together = list(pool.map(lambda b: httpx.post(f"{u}/infill", json=b, timeout=120).json()["content"],
-                                         bodies * 3))
+            try:  # one at a time, as alone: batched together, near-ties of random weights may flip
+                together = [httpx.post(f"{u}/infill", json=b, timeout=120).json()["content"] for b in bodies * 3]
             finally:
                 stop.set()
             for f in noise:
