@@ -34,6 +34,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import layout
 from .cores import FreeCores
 from .errors import BusyError, InputError, RefactGGUFError
 from .llama import Context, Model
@@ -42,7 +43,6 @@ from .runtime import REUSE_CHUNK, OnText, Slot, common_prefix
 from .tasks import Completion, Task
 
 
-DRIBBLE = 32  # prompts up to this many new tokens are fed one token a step when the batch is shared
 SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk
 BACKGROUND_STEP_S = 1.0  # a step of background prefill lasts about this long (a request arriving stops it, losing it)
 BACKGROUND_SHARE = 4  # in a step people wait on, background prompts get up to a ubatch / this many tokens
@@ -466,14 +466,8 @@ class Engine:
         handle._finish(completion)
 
     def step(self) -> None:
-        """One llama_decode: a token for each generating slot, prompt chunks for the others.
-
-        The batch is laid out for llama.cpp's per-sequence KV streams, which it splits into
-        ubatches of *consecutive* sequence ids with equally many tokens each: rows go in sequence
-        order, and an idle slot between two busy ones gets a filler token (decoded, then removed
-        from its cache). Without that, every gap in the ids costs one more pass over the weights:
-        32 typists ran at 66 ms a step instead of ~8.
-        """
+        """One llama_decode: a token for each generating slot, prompt chunks for the others, in
+        the rows `layout.plan` lays out; then each answering row's token is picked and accepted."""
         ctx, batch = self.ctx, self.ctx.batch
         now = time.perf_counter()
         for slot, handle in list(self._active.items()):
@@ -483,69 +477,65 @@ class Engine:
                 self._done(slot, slot.finish("time"))
         if not self._active:
             return
-        # Prompt tokens: every filling slot gets one. Beyond that, a slot's tokens go to a ubatch of
-        # their own (one more pass over the weights for the whole step), worth it only for a long
-        # prompt: the few tokens a keystroke adds go one per step while others share the batch.
-        # Background prompts take a bounded share of the steps people wait on (so they finish
-        # under steady typing), and whole ubatches of the steps nobody waits on, which a request
-        # arriving stops.
-        people = [slot for slot, handle in self._active.items() if not handle.background]
-        working = list(self._active)
-        busy = {slot.seq: slot for slot in working}
-        lo, hi = (0, len(self._sequences) - 1) if self.full_batches else (min(busy), max(busy))
-        room = batch.capacity - (hi - lo + 1)
-        chunk: dict[Slot, int] = {}
-        background: set[Slot] = set()
-        for slot in working:
-            if not slot.generating:
-                # A short answer is someone's first suggestion in a file: its prompt goes in at once.
-                whole = len(busy) == 1 or len(slot.todo) > DRIBBLE or slot.task.short_context
-                more = min(len(slot.todo) - 1, room) if whole else 0
-                if self._active[slot].background:
-                    background.add(slot)
-                    # one ubatch at most: a step given up keeps the ubatches already done
-                    cap = ctx.n_ubatch // BACKGROUND_SHARE if people else max(32, int((self.prompt_rate or 0) * BACKGROUND_STEP_S))
-                    more = max(0, min(more, cap - 1, ctx.n_ubatch - 1))
-                chunk[slot] = 1 + more
-                room -= more
+        people = any(not h.background for h in self._active.values())
+        rows = layout.plan(self._layout_view(), layout.Room(
+            batch.capacity, ctx.n_ubatch, self.full_batches,
+            ctx.n_ubatch // BACKGROUND_SHARE if people else max(32, int((self.prompt_rate or 0) * BACKGROUND_STEP_S))))
         batch.clear()
-        every = self.full_batches  # every row an output: the same n_outputs step after step
-        rows: list[tuple[Slot | None, int]] = []  # (slot or None for a row to ignore, batch row): output k is logits row k
-        fillers: list[Slot] = []
-        for seq in range(lo, hi + 1):
-            slot = self._sequences[seq]
-            if slot.generating:
-                rows.append((slot, batch.add(seq, (slot.next_token,), slot.pos, output_last=True)))
-            elif slot in chunk:
-                last = chunk[slot] == len(slot.todo)
-                row = batch.add(seq, slot.todo[: chunk[slot]], slot.pos, output_last=last or (every and chunk[slot] == 1))
-                if last or (every and chunk[slot] == 1):
-                    rows.append((slot if last else None, row))
-            elif slot.n_cached < self.n_ctx:  # idle: a filler keeps the run of ids unbroken
-                row = batch.add(seq, (0,), slot.n_cached, output_last=every)
-                fillers.append(slot)
-                if every:
-                    rows.append((None, row))
+        answers: list[tuple[Slot, int, int]] = []  # (slot, logits row, batch row) of each answering row
+        n_outputs = 0
+        for r in rows:
+            slot = self._sequences[r.seq]
+            if r.kind == "token":
+                row = batch.add(r.seq, (slot.next_token,), slot.pos, output_last=True)
+            elif r.kind == "prompt":
+                row = batch.add(r.seq, slot.todo[: r.n], slot.pos, output_last=r.output)
+            else:
+                row = batch.add(r.seq, (0,), slot.n_cached, output_last=r.output)
+            if r.answer:
+                answers.append((slot, n_outputs, row))
+            n_outputs += r.output
         t0 = time.perf_counter()
         # Background work gives its step up the moment a person's request comes in.
         done = ctx.run(batch, stop_if=(lambda: bool(self._waiting)) if not people else None)
         t1 = time.perf_counter()
-        for slot in fillers:
-            ctx.seq_keep(slot.seq, slot.n_cached)
+        for r in rows:
+            if r.kind == "filler":
+                ctx.seq_keep(r.seq, self._sequences[r.seq].n_cached)
         if not done:
             self.stats.background_stopped += 1
             return
-        self.stats.background_tokens += sum(n for slot, n in chunk.items() if slot in background)
-        outputs = [(slot, k, row) for k, (slot, row) in enumerate(rows) if slot is not None]
-        for slot, _, _ in outputs:
-            if slot.generating:
-                slot.token_done()
-        for slot, n in chunk.items():
+        prompts = [(self._sequences[r.seq], r.n) for r in rows if r.kind == "prompt"]
+        self.stats.background_tokens += sum(n for slot, n in prompts if self._active[slot].background)
+        for r in rows:
+            if r.kind == "token":
+                self._sequences[r.seq].token_done()
+        for slot, n in prompts:
             slot.prompt_done(n)
-        logits = ctx.logits(len(rows))
+        self._pick(answers, ctx.logits(n_outputs))
+        if sum(n for _, n in prompts) >= 16:  # a prompt step: how fast prompts go now
+            rate = batch.n / (t1 - t0)
+            self.prompt_rate = rate if self.prompt_rate is None else 0.7 * self.prompt_rate + 0.3 * rate
+        stats = self.stats
+        stats.steps += 1
+        stats.batch_tokens += batch.n
+        stats.fillers += sum(r.kind == "filler" for r in rows)
+        stats.decode_s += t1 - t0
+        stats.step_s += time.perf_counter() - now
+
+    def _layout_view(self) -> list[layout.Sequence]:
+        """Every sequence as `layout.plan` sees it."""
+        rank = {slot: i for i, slot in enumerate(self._active)}
+        return [layout.Sequence(
+            s.seq, generating=s.generating, todo=len(s.todo) if s in rank and not s.generating else 0,
+            rank=rank.get(s, 0), background=s in rank and self._active[s].background,
+            short=s.busy and s.task.short_context, full=s.n_cached >= self.n_ctx) for s in self._sequences]
+
+    def _pick(self, answers: list[tuple[Slot, int, int]], logits: np.ndarray) -> None:
+        """Each answering slot's next token from its logits row; finished tasks end."""
         # One argmax over every row when all are greedy (the common case: code completion).
-        greedy = logits.argmax(axis=1) if all(s.greedy for s, _, _ in outputs) else None
-        for slot, k, row in outputs:
+        greedy = logits.argmax(axis=1) if all(s.greedy for s, _, _ in answers) else None
+        for slot, k, row in answers:
             if slot.max_tokens == 0:
                 self._done(slot, slot.finish("max_tokens"))
                 continue
@@ -556,15 +546,6 @@ class Engine:
             done = slot.accept(token)
             if done is not None:
                 self._done(slot, done)
-        if sum(chunk.values()) >= 16:  # a prompt step: how fast prompts go now
-            rate = batch.n / (t1 - t0)
-            self.prompt_rate = rate if self.prompt_rate is None else 0.7 * self.prompt_rate + 0.3 * rate
-        stats = self.stats
-        stats.steps += 1
-        stats.batch_tokens += batch.n
-        stats.fillers += len(fillers)
-        stats.decode_s += t1 - t0
-        stats.step_s += time.perf_counter() - now
 
 
 def _best_slot(slots: list[Slot], prompt: np.ndarray) -> Slot:

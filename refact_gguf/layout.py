@@ -1,0 +1,82 @@
+"""The rows of one engine step, as a pure function: which sequence puts how many tokens into the
+next `llama_decode`, and which rows' logits are read. No llama.cpp here, so the rules are unit-tested.
+
+llama.cpp splits a batch of per-sequence KV streams into ubatches of *consecutive* sequence ids
+with equally many tokens each. So rows go in sequence order, and an idle sequence between two busy
+ones gets a filler token (decoded, then removed from its cache): without it every gap in the ids
+costs one more pass over the weights (32 typists ran at 66 ms a step instead of ~8). Beyond one
+token, a sequence's prompt tokens go to a ubatch of their own — one more pass for the whole step —
+worth it only for a long prompt: the few tokens a keystroke adds go one a step while others share
+the batch. Background prompts (a cold file's full context) take a bounded share of a step people
+wait on, and up to a ubatch of a step nobody waits on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+DRIBBLE = 32  # prompts up to this many new tokens are fed one token a step when the batch is shared
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """What the layout needs to know of one sequence."""
+
+    seq: int
+    generating: bool = False  # decodes its next token this step
+    todo: int = 0  # prompt tokens still to evaluate (a task whose prompt is not in yet)
+    rank: int = 0  # admission order: prompt room goes first come, first served
+    background: bool = False  # a prompt evaluated for later keystrokes, nobody waiting on it
+    short: bool = False  # someone's first answer in a file: its prompt goes in at once
+    full: bool = False  # its cache holds n_ctx tokens: no room even for a filler
+
+    @property
+    def busy(self) -> bool:
+        return self.generating or self.todo > 0
+
+
+@dataclass(frozen=True)
+class Room:
+    """The step's limits."""
+
+    capacity: int  # tokens a batch holds
+    n_ubatch: int
+    every_row: bool  # a row for every sequence and every row an output (GPU: one graph, step after step)
+    background: int  # tokens a background prompt may take in this step (its share)
+
+
+@dataclass(frozen=True)
+class Row:
+    seq: int
+    kind: Literal["token", "prompt", "filler"]
+    n: int  # tokens it adds to the batch
+    output: bool  # logits of its last token are computed
+    answer: bool  # those logits pick the sequence's next token (a generated one, or a prompt's last chunk)
+
+
+def plan(sequences: list[Sequence], room: Room) -> list[Row]:
+    """The rows of one step, in sequence order; [] when nothing is busy. `sequences` by id, all of them."""
+    busy = [s for s in sequences if s.busy]
+    if not busy:
+        return []
+    lo, hi = (0, len(sequences) - 1) if room.every_row else (min(s.seq for s in busy), max(s.seq for s in busy))
+    left = room.capacity - (hi - lo + 1)
+    chunk: dict[int, int] = {}
+    for s in sorted((s for s in busy if not s.generating), key=lambda s: s.rank):
+        whole = len(busy) == 1 or s.todo > DRIBBLE or s.short
+        more = min(s.todo - 1, left) if whole else 0
+        if s.background:  # one ubatch at most: a step given up keeps the ubatches already done
+            more = max(0, min(more, room.background - 1, room.n_ubatch - 1))
+        chunk[s.seq] = 1 + more
+        left -= more
+    rows = []
+    for s in sequences[lo : hi + 1]:
+        if s.generating:
+            rows.append(Row(s.seq, "token", 1, True, True))
+        elif s.seq in chunk:
+            last = chunk[s.seq] == s.todo
+            rows.append(Row(s.seq, "prompt", chunk[s.seq], last or (room.every_row and chunk[s.seq] == 1), last))
+        elif not s.full:  # idle: a filler keeps the run of ids unbroken
+            rows.append(Row(s.seq, "filler", 1, room.every_row, False))
+    return rows

@@ -1,0 +1,82 @@
+"""The rows of one engine step (refact_gguf.layout), without llama.cpp: the rules that keep a
+batch of many people one pass over the weights, and background work from starving or crowding."""
+
+from __future__ import annotations
+
+from refact_gguf.layout import DRIBBLE, Room, Sequence, plan
+
+CPU = Room(capacity=512, n_ubatch=128, every_row=False, background=32)
+GPU = Room(capacity=512, n_ubatch=512, every_row=True, background=128)
+
+
+def idle(n: int) -> list[Sequence]:
+    return [Sequence(i) for i in range(n)]
+
+
+def with_(seqs: list[Sequence], **changed: Sequence) -> list[Sequence]:
+    out = list(seqs)
+    for s in changed.values():
+        out[s.seq] = s
+    return out
+
+
+def test_nothing_busy_is_no_step():
+    assert plan(idle(4), CPU) == []
+
+
+def test_gaps_between_busy_sequences_get_fillers_so_ids_stay_consecutive():
+    seqs = with_(idle(32), a=Sequence(3, generating=True), b=Sequence(9, generating=True), c=Sequence(20, generating=True))
+    rows = plan(seqs, CPU)
+    assert [r.seq for r in rows] == list(range(3, 21))  # one run of ids, 3 to 20
+    assert {r.seq for r in rows if r.kind == "token"} == {3, 9, 20}
+    assert all(r.kind == "filler" and not r.output for r in rows if r.seq not in (3, 9, 20))
+
+
+def test_on_a_gpu_every_sequence_has_a_row_and_every_row_an_output():
+    """One graph step after step: the same rows and outputs whoever is busy."""
+    for busy in ({1}, {0, 5, 7}, set(range(8))):
+        seqs = [Sequence(i, generating=i in busy) for i in range(8)]
+        rows = plan(seqs, GPU)
+        assert [r.seq for r in rows] == list(range(8)) and all(r.output for r in rows)
+        assert [r.seq for r in rows if r.answer] == sorted(busy)
+
+
+def test_a_full_cache_gets_no_filler():
+    seqs = with_(idle(3), a=Sequence(0, generating=True), b=Sequence(1, full=True), c=Sequence(2, generating=True))
+    assert [r.seq for r in plan(seqs, CPU)] == [0, 2]
+
+
+def test_a_keystrokes_few_tokens_go_one_a_step_beside_others_and_all_at_once_alone():
+    typing = Sequence(1, todo=3)
+    beside = plan(with_(idle(2), a=Sequence(0, generating=True), b=typing), CPU)
+    assert [(r.kind, r.n, r.answer) for r in beside] == [("token", 1, True), ("prompt", 1, False)]
+    alone = plan(with_(idle(2), b=typing), CPU)
+    assert [(r.kind, r.n, r.answer) for r in alone] == [("prompt", 3, True)]
+
+
+def test_a_long_prompt_and_a_short_answer_go_in_whole_beside_others():
+    for s in (Sequence(1, todo=DRIBBLE + 1), Sequence(1, todo=20, short=True)):
+        rows = plan(with_(idle(2), a=Sequence(0, generating=True), b=s), CPU)
+        assert rows[1].n == s.todo and rows[1].answer and rows[1].output
+
+
+def test_prompt_room_goes_first_come_first_served_within_the_batch():
+    seqs = with_(idle(3), a=Sequence(0, todo=400, rank=1), b=Sequence(1, todo=400, rank=0), c=Sequence(2, generating=True))
+    rows = {r.seq: r for r in plan(seqs, Room(512, 512, False, 512))}
+    assert rows[1].n == 400 and rows[0].n == 512 - 400 - 1  # the earlier one whole, the later one what is left
+    assert sum(r.n for r in rows.values()) <= 512
+
+
+def test_background_takes_a_bounded_share_while_people_wait_and_a_ubatch_when_they_do_not():
+    job = Sequence(1, todo=3000, background=True)
+    beside = plan(with_(idle(2), a=Sequence(0, generating=True), b=job), CPU)
+    assert beside[1].n == CPU.background  # a share: it converges under steady typing, and costs a bounded step
+    alone = plan(with_(idle(2), b=job), Room(512, 128, False, 1000))
+    assert alone[0].n == 128  # one ubatch at most: a step given up loses no finished ubatch
+
+
+def test_a_prompt_row_is_an_answer_only_on_its_last_chunk():
+    rows = plan(with_(idle(1), a=Sequence(0, todo=1000)), Room(512, 512, False, 512))
+    assert rows[0].n == 512 and not rows[0].answer and not rows[0].output
+    rows = plan(with_(idle(1), a=Sequence(0, todo=300)), Room(512, 512, False, 512))
+    assert rows[0].n == 300 and rows[0].answer and rows[0].output
