@@ -79,6 +79,7 @@ class Quant:
     kld: float
     imatrix: bool
     alias_of: str | None = None
+    repair: bool = False  # `pull` centres the published file's residual writes (measured a gain: docs/quality.md)
 
     @property
     def size_bytes(self) -> int:

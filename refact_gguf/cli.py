@@ -96,8 +96,10 @@ def _runtime(model: Optional[str], ctx_size: int, gpu_layers: str, threads: Opti
     from .runtime import Runtime
     from .select import resolve_model
 
+    from .loader import inspect
+
     path = resolve_model(model)
-    err.print(f"[dim]model: {escape(str(path))}[/]")
+    err.print(f"[dim]model: {escape(str(path))}\n  {escape(inspect(path).fidelity_note)}[/]")
     return Runtime(path, n_ctx=ctx_size, n_gpu_layers=gpu_layers, threads=threads)
 
 
@@ -401,6 +403,7 @@ def serve(
     refact-gguf serve --log-requests 2>> ~/refact-gguf.log   # see that your editor reaches it
     ```
     """
+    from .loader import inspect
     from .select import resolve_model
     from .server import Limits
     from .server import serve as run_server
@@ -417,7 +420,8 @@ def serve(
         path, host=host, port=port, keys=keys, parallel=parallel, n_ctx=ctx_size, threads=threads,
         gpu_layers=gpu_layers, limits=Limits(max_predict=max_predict, max_queue=queue, prompt_budget_ms=prompt_budget_ms), cors_origins=cors_origin,
         cache_mb=cache_mb, cache_disk_mb=cache_disk_mb, cache_dir=cache_dir, log_requests=log_requests,
-        on_ready=lambda url: err.print(f"serving {escape(path.name)} on [bold]{url}[/] ({parallel} slot(s)); Ctrl-C stops"),
+        on_ready=lambda url: err.print(f"serving {escape(path.name)} on [bold]{url}[/] ({parallel} slot(s)); Ctrl-C stops\n"
+                                       f"  {escape(inspect(path).fidelity_note)}", soft_wrap=True),
     )
 
 
@@ -612,13 +616,20 @@ def pull(
     name: Annotated[Optional[str], typer.Argument(help="Quant name (case-insensitive), e.g. Q4_K_M. Default: what `recommend` picks here.")] = None,
     local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="Download into this directory instead of the HF cache.")] = None,
     force: Annotated[bool, typer.Option("--force", metavar="", help="Download again even if the file is already there.")] = False,
+    as_published: Annotated[bool, typer.Option("--as-published", metavar="", help="Keep the file exactly as published: no LayerNorm repair.")] = False,
 ) -> None:
-    """Download a prebuilt quant from the Hub, verified, resumable.
+    """Download a prebuilt quant from the Hub, verified, resumable, made faithful where that pays.
 
     Goes into the standard Hugging Face cache (HF_HOME / HF_HUB_CACHE; HF_TOKEN, HF_ENDPOINT and
     HF_HUB_OFFLINE are honoured). An interrupted download continues where it stopped; the file is
     checked against the Hub's sha256 and as a Refact GGUF of the right type. Pulling a file that is
     already complete makes no network request.
+
+    The published files were made with llama.cpp's converter, whose graph normalises with RMSNorm
+    where Refact uses LayerNorm. For the types where it measured a gain (Q8_0, Q6_K: docs/quality.md)
+    `pull` then repairs the file: its residual writes are centred, as `convert` does, into a copy
+    that `run` and `serve` use (the published file stays in the HF cache; with --local-dir the
+    repaired file takes its place, the published sha256 kept inside it).
 
     **Examples**
 
@@ -626,6 +637,7 @@ def pull(
     refact-gguf pull Q4_K_M
     refact-gguf pull                       # the quant recommended for this machine
     refact-gguf pull q8_0 --local-dir ./models
+    refact-gguf pull Q8_0 --as-published       # the file exactly as the Hub has it
     ```
     """
     from .hub import pull as run_pull
@@ -634,7 +646,11 @@ def pull(
     if name is None:
         name = recommend()[0].name
         err.print(f"recommended for this machine: {escape(name)}")
-    out.print(str(run_pull(name, local_dir=local_dir, force=force, progress=RichProgress())))
+    from .loader import inspect
+
+    path = run_pull(name, local_dir=local_dir, force=force, progress=RichProgress(), as_published=as_published)
+    err.print(f"[dim]{escape(inspect(path).fidelity_note)}[/]", soft_wrap=True)
+    out.print(str(path))
 
 
 @app.command("list")
@@ -646,6 +662,8 @@ def list_quants(
 
     Quality is the rank of llama.cpp's published KL divergence for the type; once you have run
     `refact-gguf eval --humaneval` on a pulled file, its measured pass@1 shows beside it.
+    Fidelity says whether a pulled file is LayerNorm-faithful (converted or repaired by
+    refact-gguf) or as published (llama.cpp's converter: RMSNorm over uncentred weights).
 
     **Examples**
 
@@ -661,6 +679,7 @@ def list_quants(
     from . import measured
     from .catalog import load
     from .hub import cached_quants
+    from .loader import inspect
     from .select import estimate, fits, free_memory
 
     cat, memory, cached = load(), free_memory(), cached_quants()
@@ -671,6 +690,7 @@ def list_quants(
             "name": q.name, "file": q.filename(cat.model), "size_gib": q.size_gib, "bpw": round(q.bpw(cat.model), 2),
             "quality_rank": cat.quality_rank(q), "needs_gib": round(est.total / 2**30, 2),
             "fits": fits(est, memory), "path": str(cached[q.name]) if q.name in cached else None,
+            "fidelity": inspect(cached[q.name]).fidelity if q.name in cached else None,
             "humaneval_pass1": measured.lookup(cached.get(q.name)),
         })
     if as_json:
@@ -679,7 +699,7 @@ def list_quants(
     from rich.text import Text
 
     table = Table(title=f"{cat.model.name} quants ({cat.model.gguf_repo})")
-    columns = ("name", "size", "bits/w", "quality", "needs", "fits", "pulled")
+    columns = ("name", "size", "bits/w", "quality", "needs", "fits", "pulled", "fidelity")
     if any(r["humaneval_pass1"] for r in rows):  # only once the user measured some (eval --humaneval)
         columns += ("HumanEval",)
     for col in columns:
@@ -687,7 +707,7 @@ def list_quants(
     for r in rows:
         cells = (r["name"], f"{r['size_gib']:.2f} GiB", f"{r['bpw']:.2f}", str(r["quality_rank"]), f"{r['needs_gib']:.2f} GiB",
                  Text("yes", style="green") if r["fits"] else Text("no", style="red"), r["path"] or "—",
-                 measured.summary(r["humaneval_pass1"]))
+                 r["fidelity"] or "—", measured.summary(r["humaneval_pass1"]))
         table.add_row(*cells[: len(columns)])
     out.print(table)
 

@@ -85,8 +85,17 @@ def _repo_dir(config: HubConfig) -> Path:
     return config.cache_dir / repo_folder_name(repo_id=catalog.load().model.gguf_repo, repo_type="model")
 
 
-def cached_path(quant: Quant, config: HubConfig | None = None) -> Path | None:
-    """The complete cached file of `quant`, found without any network request."""
+def faithful_path(quant: Quant, sha256: str) -> Path:
+    """Where the repaired (LayerNorm-faithful) copy of a published file lives: refact-gguf's own
+    cache, by the published file's sha256 (the HF cache keeps the file as the Hub has it)."""
+    from .userdirs import cache_root
+
+    return cache_root() / "faithful" / sha256 / quant.filename(catalog.load().model)
+
+
+def cached_path(quant: Quant, config: HubConfig | None = None, as_published: bool = False) -> Path | None:
+    """The complete cached file of `quant`, found without any network request: its faithful copy
+    where `pull` made one (unless `as_published`), else the file as published."""
     config = config or HubConfig.from_env()
     model = catalog.load().model
     repo = _repo_dir(config)
@@ -96,7 +105,8 @@ def cached_path(quant: Quant, config: HubConfig | None = None) -> Path | None:
     for commit in commits:
         path = repo / "snapshots" / commit / quant.filename(model)
         if path.is_file():
-            return path
+            faithful = faithful_path(quant, path.resolve().name)  # the blob's name is its sha256
+            return faithful if not as_published and faithful.is_file() else path
     return None
 
 
@@ -130,8 +140,10 @@ def pull(
     force: bool = False,
     config: HubConfig | None = None,
     progress: Progress | None = None,
+    as_published: bool = False,
 ) -> Path:
-    """Download quant `name` (verified: sha256, then a GGUF of Refact with the right type)."""
+    """Download quant `name` (verified: sha256, then a GGUF of Refact with the right type), and make
+    it LayerNorm-faithful where the catalog says repair pays (`as_published`: keep it as it is)."""
     config = config or HubConfig.from_env()
     progress = progress or Progress()
     model = catalog.load().model
@@ -139,9 +151,10 @@ def pull(
     filename = quant.filename(model)
 
     if local_dir is not None and (Path(local_dir) / filename).is_file() and not force:
-        return Path(local_dir) / filename
-    if local_dir is None and not force and (found := cached_path(quant, config)):
-        return found  # complete, verified when it was pulled: no request at all
+        return _faithful(Path(local_dir) / filename, None, quant, as_published, progress, in_place=True)
+    if local_dir is None and not force and (found := cached_path(quant, config, as_published=True)):
+        # complete, verified when it was pulled: no request at all
+        return _faithful(found, found.resolve().name, quant, as_published, progress)
     if config.offline:
         raise _offline_error(quant, config, "HF_HUB_OFFLINE is set")
 
@@ -194,8 +207,38 @@ def pull(
             _verify(partial, meta.etag, quant)
             os.replace(partial, final)
     if local_dir is not None:
-        return final
-    return _link_snapshot(final, meta.commit_hash, filename, config)
+        return _faithful(final, meta.etag, quant, as_published, progress, in_place=True)
+    return _faithful(_link_snapshot(final, meta.commit_hash, filename, config), meta.etag, quant, as_published, progress)
+
+
+def _faithful(published: Path, sha256: str | None, quant: Quant, as_published: bool, progress: Progress,
+              in_place: bool = False) -> Path:
+    """The file to run: `published` repaired (once: the copy is kept), or as it is where repair does
+    not pay, was declined, or the file is faithful already. `in_place` (a --local-dir): the repaired
+    file takes the published one's name, its sha256 kept inside as provenance."""
+    if as_published or not quant.repair or inspect(published).centred:
+        return published
+    from .repair import repair  # llama.cpp and numpy work: loaded only when there is some
+
+    if in_place:
+        sha256 = sha256 or _sha256(published)
+        with tempfile.TemporaryDirectory(dir=published.parent) as tmp:
+            repaired = repair(published, Path(tmp) / published.name, sha256, progress)
+            os.replace(repaired, published)
+        return published
+    target = faithful_path(quant, sha256)
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        repair(published, target, sha256, progress)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _auth_headers(location: str, config: HubConfig) -> dict[str, str]:

@@ -13,7 +13,9 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+import gguf
 import llama_cpp
+import llama_cpp._ggml
 import numpy as np
 
 from . import catalog
@@ -366,6 +368,24 @@ def sequence_logits(path: Path, tokens: list[int], threads: int | None = None) -
     if not np.isfinite(logits).all():
         raise ModelFileError(f"{Path(path).name} produced non-finite logits")
     return logits
+
+
+def quantize_rows(rows: np.ndarray, qtype: int, importance: np.ndarray | None = None) -> np.ndarray:
+    """float32 rows [n, n_per_row] → their bytes in ggml type `qtype`, through ggml's own quantizer
+    (ggml_quantize_chunk: the code llama-quantize runs, K- and IQ-quants included)."""
+    ggml = llama_cpp._ggml.libggml
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    n, per_row = rows.shape
+    block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+    out = np.empty(n * per_row // block * nbytes, np.uint8)
+    fn = ggml.ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    weights = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    written = fn(qtype, rows.ctypes.data, out.ctypes.data, 0, n, per_row, None if weights is None else weights.ctypes.data)
+    if written != out.size:
+        raise LlamaError(f"ggml quantized {written} of {out.size} bytes")
+    return out.reshape(n, -1)
 
 
 def quantize(base: Path, out: Path, ftype: int, threads: int, importance: dict[str, np.ndarray] | None = None,

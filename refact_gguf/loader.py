@@ -35,7 +35,23 @@ class GGUFInfo:
     file_type: int
     n_tensors: int
     size: int
-    centred: bool  # converted by refact-gguf (LayerNorm-faithful)
+    centred: bool  # LayerNorm-faithful: converted (or repaired) by refact-gguf
+    repaired_from: str | None = None  # sha256 of the published file it was repaired from
+
+    @property
+    def fidelity(self) -> str:
+        """One word for scripts: faithful-converted, faithful-repaired or as-published."""
+        return "as-published" if not self.centred else "faithful-repaired" if self.repaired_from else "faithful-converted"
+
+    @property
+    def fidelity_note(self) -> str:
+        """What that means, for people."""
+        if self.repaired_from:
+            return "LayerNorm-faithful (repaired by refact-gguf from the published file)"
+        if self.centred:
+            return "LayerNorm-faithful (converted by refact-gguf)"
+        return ("as published: llama.cpp's converter, RMSNorm over uncentred weights (on trained weights about a "
+                "Q6_K quant's error before quantization; `refact-gguf convert` makes a faithful file)")
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -122,11 +138,15 @@ def inspect(path: Path) -> GGUFInfo:
         file_type=int(kv.get("general.file_type", -1)),
         n_tensors=len(tensors),
         size=size,
-        centred=bool(kv.get("refact_gguf.residual_centred", False)),
+        centred=bool(kv.get(CENTRED_KEY, False)),
+        repaired_from=kv.get(REPAIRED_KEY),
     )
 
 
 _QUANT_SIZES = {int(k): v for k, v in gguf.GGML_QUANT_SIZES.items()}
+# What refact-gguf writes into a file it made faithful (convert, repair).
+CENTRED_KEY = "refact_gguf.residual_centred"
+REPAIRED_KEY = "refact_gguf.repaired_from_sha256"
 
 # The GGUF keys of catalog.HYPERPARAMETER_RANGES: a file is refused before llama.cpp sees a value outside them.
 _GGUF_KEYS = {"block_count": "n_layer", "context_length": "n_ctx", "embedding_length": "n_embd",

@@ -195,3 +195,56 @@ def test_a_local_dir_that_cannot_hold_files_is_an_error_not_a_hang(env, fake_hub
 
     with pytest.raises(OutputError, match="cannot write in /proc/self"):
         hub.pull("Q8_0", local_dir=Path("/proc/self"), config=config())
+
+
+# ------------------------------------------------------------------------------ repair (issue #26)
+
+
+@pytest.fixture(scope="session")
+def published_q8(hf_fused, tmp_path_factory):
+    """What the Hub serves: a Q8_0 made as llama.cpp's converter makes it (uncentred)."""
+    return convert(hf_fused, tmp_path_factory.mktemp("published"), "f16", CAT.select("Q8_0"), centre=False).quants["Q8_0"]
+
+
+@pytest.fixture
+def published_hub(published_q8, env, monkeypatch):
+    server = FakeHub(REPO)
+    server.add(published_q8.name, published_q8)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    yield server
+    server.close()
+
+
+def test_pull_repairs_a_published_file_into_a_faithful_copy(published_hub, small_quants, sample_tokens):
+    from refact_gguf.convert.reference import kl_divergence
+    from refact_gguf.llama import sequence_logits
+    from refact_gguf.loader import inspect
+
+    path = hub.pull("Q8_0", config=config())
+    info = inspect(path)
+    assert info.fidelity == "faithful-repaired" and info.repaired_from == published_hub.sha(Q8)
+    assert hub.cached_path(CAT.get("Q8_0")) == path  # what run and serve find
+    published = hub.cached_path(CAT.get("Q8_0"), as_published=True)
+    assert inspect(published).fidelity == "as-published" and published.read_bytes() == published_hub.files[Q8]
+    # The synthetic weights carry a deliberate mean offset: uncentred they are far off; repaired,
+    # they compute what the faithful conversion computes, up to Q8_0's rounding.
+    faithful = sequence_logits(small_quants["Q8_0"], sample_tokens)
+    assert kl_divergence(faithful, sequence_logits(path, sample_tokens)).mean() < 0.02
+    assert kl_divergence(faithful, sequence_logits(published, sample_tokens)).mean() > 0.1
+    before = len(published_hub.requests)
+    assert hub.pull("Q8_0", config=config()) == path and len(published_hub.requests) == before  # once
+
+
+def test_as_published_keeps_the_file_untouched(published_hub):
+    from refact_gguf.loader import inspect
+
+    path = hub.pull("Q8_0", config=config(), as_published=True)
+    assert inspect(path).fidelity == "as-published" and path.read_bytes() == published_hub.files[Q8]
+
+
+def test_a_local_dir_pull_is_repaired_in_place(published_hub, tmp_path):
+    from refact_gguf.loader import inspect
+
+    path = hub.pull("Q8_0", local_dir=tmp_path / "models", config=config())
+    assert path == tmp_path / "models" / Q8 and inspect(path).repaired_from == published_hub.sha(Q8)
+    assert not [p for p in path.parent.iterdir() if p.name != Q8 and p.name != ".cache"]  # nothing half-written beside it

@@ -59,11 +59,14 @@ def convert(
     calibration_tokens: int = 4096,
     threads: int | None = None,
     progress: Progress | None = None,
+    centre: bool = True,
 ) -> ConvertResult:
     """Convert a GPTRefactForCausalLM checkpoint directory, then quantize.
 
     Writes `Refact-1_6B-fim.<OUTTYPE>.gguf` and one `Refact-1_6B-fim.<QUANT>.gguf` per quant into
-    `out_dir`; every file appears under its final name only when complete.
+    `out_dir`; every file appears under its final name only when complete. `centre=False` writes
+    what llama.cpp's own converter writes (RMSNorm over uncentred weights): for measuring what the
+    published files cost, never for users.
     """
     if outtype not in OUTTYPES:
         raise OutputError(f"unknown --outtype {outtype!r}", f"choose one of {', '.join(OUTTYPES)}")
@@ -72,7 +75,7 @@ def convert(
     out_dir = Path(out_dir)
     ckpt = Checkpoint.open(Path(hf_dir))  # validates config, weights, tokenizer before any write
     vocab = load_vocab(ckpt.tokenizer_json, ckpt.config.n_vocab)
-    tensors = plan(ckpt)
+    tensors = plan(ckpt, centre)
     base_size = expected_size(tensors, outtype)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,7 +88,7 @@ def convert(
     result = ConvertResult(base=out_dir / output_name(outtype.upper()))
     t0 = time.perf_counter()
     progress.start(f"convert → {result.base.name}", base_size, "B")
-    write_gguf(result.base, ckpt.config, vocab, tensors, outtype, source=str(hf_dir), on_bytes=progress.advance)
+    write_gguf(result.base, ckpt.config, vocab, tensors, outtype, source=str(hf_dir), on_bytes=progress.advance, centred=centre)
     result.seconds["convert"] = time.perf_counter() - t0
     progress.finish(f"{result.base.name} ({base_size / 2**30:.2f} GiB) in {result.seconds['convert']:.1f} s")
 

@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 
 from .. import __version__
+from ..loader import CENTRED_KEY
 from .. import tokens as special
 from ..errors import OutputError
 
@@ -27,7 +28,6 @@ OUTTYPES = {
 }
 _SOURCE_TYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16, "BF16": gguf.GGMLQuantizationType.BF16}
 ALIBI_MAX_BIAS = 8.0  # Refact's; llama.cpp hard-codes it for this architecture too
-CENTRED_KEY = "refact_gguf.residual_centred"
 
 
 def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
@@ -89,7 +89,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_metadata(w: gguf.GGUFWriter, cfg: RefactConfig, vocab: Vocab, file_type: int, source: str) -> None:
+def write_metadata(w: gguf.GGUFWriter, cfg: RefactConfig, vocab: Vocab, file_type: int, source: str,
+                   centred: bool = True) -> None:
     ids = vocab.special_ids
     w.add_name(cfg.name)
     w.add_type(gguf.GGUFType.MODEL)
@@ -121,7 +122,8 @@ def write_metadata(w: gguf.GGUFWriter, cfg: RefactConfig, vocab: Vocab, file_typ
     w.add_uint32(gguf.Keys.Tokenizer.FIM_MID_ID, ids["fim_mid"])
     w.add_uint32(gguf.Keys.Tokenizer.FIM_PAD_ID, ids["fim_pad"])
     w.add_chat_template(special.CHAT_TEMPLATE)
-    w.add_bool(CENTRED_KEY, True)
+    if centred:
+        w.add_bool(CENTRED_KEY, True)
     w.add_string("refact_gguf.version", __version__)
 
 
@@ -133,13 +135,15 @@ def write_gguf(
     outtype: str,
     source: str,
     on_bytes: Callable[[int], None] = lambda n: None,
+    centred: bool = True,
 ) -> None:
-    """Write the GGUF atomically; `on_bytes` reports progress in bytes of output written."""
+    """Write the GGUF atomically; `on_bytes` reports progress in bytes of output written. `centred`:
+    whether `tensors` are (the mark a faithful file carries)."""
     qtype, file_type = OUTTYPES[outtype]
     with atomic_output(path) as tmp:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.REFACT])
         try:
-            write_metadata(w, cfg, vocab, int(file_type), source)
+            write_metadata(w, cfg, vocab, int(file_type), source, centred)
             types = {}
             for t in tensors:
                 # Norm vectors stay f32, as in llama.cpp's converter.

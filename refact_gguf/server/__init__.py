@@ -67,7 +67,9 @@ def create_app(engine: Engine, model_name: str, keys: ApiKeys | str | None = Non
     /health; `log_requests`: a line per request on the `refact_gguf.requests` logger."""
     keys = ApiKeys(keys) if isinstance(keys, str) else keys
     app = FastAPI(title="refact-gguf", version=__version__)
-    app.state.service = Service(engine, model_name, limits)
+    from ..loader import inspect
+
+    app.state.service = Service(engine, model_name, limits, inspect(engine.model.path).fidelity)
     for api in (llama_api, openai_api, ollama_api):
         app.include_router(api.router)
     app.add_exception_handler(RefactGGUFError, _library_error)

@@ -34,6 +34,7 @@ class Service:
     engine: Engine
     model_name: str
     limits: Limits
+    fidelity: str = "unknown"  # faithful-converted | faithful-repaired | as-published (loader.GGUFInfo)
 
     def tokenize(self, text: str) -> list[int]:
         return self.engine.model.tokenize_cached(text)

@@ -194,7 +194,7 @@ async def props(request: Request):
         "default_generation_settings": {"n_ctx": engine.n_ctx, "model": service.model_name,
                                         "params": {"n_predict": -1, "temperature": 0.0, "top_k": 40, "top_p": 0.95}},
         "total_slots": len(engine.slots), "model_path": str(engine.model.path), "chat_template": CHAT_TEMPLATE,
-        "build_info": f"refact-gguf {__version__}",
+        "build_info": f"refact-gguf {__version__}", "fidelity": service.fidelity,
     }
 
 

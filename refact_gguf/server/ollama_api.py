@@ -156,7 +156,7 @@ async def show(body: ShowRequest, request: Request):
         # Continue reads num_ctx from here, a `key value` line each
         "parameters": f"num_ctx {facts['context_length']}", "template": TEMPLATE, "details": facts["details"], "modified_at": facts["modified_at"],
         "model_info": {"general.architecture": "refact", "general.parameter_count": facts["parameter_count"],
-                       "refact.context_length": facts["context_length"]},
+                       "refact.context_length": facts["context_length"], "refact_gguf.fidelity": service.fidelity},
         "capabilities": ["completion", "insert"],
     }
 

@@ -84,8 +84,9 @@ def finish_reason(c: Completion) -> str:
 
 @router.get("/v1/models")
 async def models(request: Request):
-    name = request.app.state.service.model_name
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "refact-gguf"}]}
+    service = request.app.state.service
+    return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0, "owned_by": "refact-gguf",
+                                        "fidelity": service.fidelity}]}
 
 
 @router.post("/v1/completions")
