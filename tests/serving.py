@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
 
+import httpx
 import uvicorn
 
 from refact_gguf.engine import Engine
@@ -36,3 +40,27 @@ def running(q4_model, parallel=2, keys=None, limits=Limits(max_predict=64), engi
         sock.close()
         eng.close()
         model.close()
+
+
+@contextmanager
+def serve_process(q4_model, *options: str):
+    """`refact-gguf serve` in a process of its own, as a user starts it: (the process, its URL) once
+    /health answers; killed afterwards if the test left it running."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "refact_gguf.cli", "serve", "-m", str(q4_model), "--port", str(port),
+                             "-t", "1", *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-500:]
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield proc, url
+    finally:
+        proc.kill()

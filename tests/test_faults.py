@@ -25,7 +25,7 @@ from refact_gguf.server import ApiKeys
 from refact_gguf.server.keys import from_options
 from refact_gguf.tasks import StopRules, Task
 
-from .serving import running
+from .serving import running, serve_process
 
 N_CTX = 512
 
@@ -299,30 +299,11 @@ def test_a_state_larger_than_the_disk_budget_is_not_written(model, prompt, tmp_p
     assert not list((tmp_path / "m").glob("*"))
 
 
-def test_sighup_without_a_keys_file_does_not_kill_the_server(q4_model, tmp_path):
-    import subprocess
-    import sys
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "refact_gguf.cli", "serve", "-m", str(q4_model), "--port", str(port),
-                             "-t", "1", "--ctx", "256", "--cache-disk-mb", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-500:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+def test_sighup_without_a_keys_file_does_not_kill_the_server(q4_model):
+    with serve_process(q4_model, "--ctx", "256", "--cache-disk-mb", "0") as (proc, url):
         proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
-        assert proc.poll() is None and httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        assert proc.poll() is None and httpx.get(f"{url}/health").status_code == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-    finally:
-        proc.kill()
     assert "no keys file" in proc.stderr.read().decode()

@@ -19,7 +19,7 @@ from refact_gguf.llama import Model
 from refact_gguf.prompt_cache import PromptCache
 from refact_gguf.server import Limits
 
-from .serving import running
+from .serving import running, serve_process
 
 PREFIX = "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n"
 SUFFIX = "\n    return result\n\n\nprint(list_python_files('.'))\n"
@@ -398,30 +398,12 @@ def test_sigterm_stops_serving_and_writes_the_caches(q4_model, tmp_path):
     """As systemd or an editor stops it: exit 0, and the slot's KV cache reaches the disk even
     when the signal comes before the idle write (uvicorn re-raised SIGTERM and the process died)."""
     import signal
-    import subprocess
-    import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "refact_gguf.cli", "serve", "-m", str(q4_model), "--port", str(port),
-                             "-t", "1", "--ctx", "512", "--cache-dir", str(tmp_path / "kv")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-500:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        r = httpx.post(f"http://127.0.0.1:{port}/infill", json={"input_prefix": "def f(x):\n    return x + 1\n" * 20, "n_predict": 2})
+    with serve_process(q4_model, "--ctx", "512", "--cache-dir", str(tmp_path / "kv")) as (proc, url):
+        r = httpx.post(f"{url}/infill", json={"input_prefix": "def f(x):\n    return x + 1\n" * 20, "n_predict": 2})
         assert r.status_code == 200
         proc.send_signal(signal.SIGTERM)  # at once: the 2-second idle write has not happened
         assert proc.wait(60) == 0, proc.stderr.read().decode()[-500:]
-    finally:
-        proc.kill()
     assert list((tmp_path / "kv").rglob("*.kv")), "the slot's cache was not written at shutdown"
 
 
