@@ -125,7 +125,9 @@ class Engine:
     def __init__(self, model: Model, n_ctx: int = 4096, parallel: int = 1, threads: int | None = None,
                  n_batch: int = 512, max_queue: int = 16, full_batches: bool | None = None,
                  cache: PromptCache | None = None):
-        n_scratch = 1 if cache is not None else 0  # short answers need a cache to keep the full prompt's progress
+        # Short answers need a cache to keep the full prompt's progress; half as many sequences for
+        # them as people, so one person's first answer does not queue behind another's.
+        n_scratch = max(1, parallel // 2) if cache is not None else 0
         if parallel + n_scratch > n_batch:
             raise InputError(f"--parallel {parallel} is more than a batch of {n_batch} tokens can serve")
         self.model = model
@@ -195,10 +197,12 @@ class Engine:
         return self.submit(task, on_text).wait()
 
     def short_tokens(self, budget_s: float) -> int | None:
-        """How long a short prompt may be to be in within `budget_s`; None: too soon to tell."""
+        """How long a short prompt may be to be in within `budget_s`; None: too soon to tell.
+        A power of two: the measured rate moves a little every step, and a window that moved with
+        it would share nothing with the last keystroke's, re-evaluating it every time."""
         if self.prompt_rate is None or self.cache is None:  # no cache: the full prompt's progress would be lost
             return None
-        return max(16, int(self.prompt_rate * budget_s * SHORT_SHARE))
+        return 1 << max(4, int(self.prompt_rate * budget_s * SHORT_SHARE).bit_length() - 1)
 
     def slots_state(self) -> list[dict]:
         """Each slot as llama-server's /slots shows it (read without a lock: a snapshot for people)."""
@@ -481,6 +485,7 @@ class Engine:
         rows = layout.plan(self._layout_view(), layout.Room(
             batch.capacity, ctx.n_ubatch, self.full_batches,
             ctx.n_ubatch // BACKGROUND_SHARE if people else max(32, int((self.prompt_rate or 0) * BACKGROUND_STEP_S))))
+        # (a step nobody waits on: each background job up to a ubatch, all of them up to ~1 s of prompt)
         batch.clear()
         answers: list[tuple[Slot, int, int]] = []  # (slot, logits row, batch row) of each answering row
         n_outputs = 0

@@ -43,7 +43,7 @@ class Room:
     capacity: int  # tokens a batch holds
     n_ubatch: int
     every_row: bool  # a row for every sequence and every row an output (GPU: one graph, step after step)
-    background: int  # tokens a background prompt may take in this step (its share)
+    background: int  # tokens all background prompts together may take in this step (their share)
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,17 @@ def plan(sequences: list[Sequence], room: Room) -> list[Row]:
     if not busy:
         return []
     lo, hi = (0, len(sequences) - 1) if room.every_row else (min(s.seq for s in busy), max(s.seq for s in busy))
-    left = room.capacity - (hi - lo + 1)
+    left, share = room.capacity - (hi - lo + 1), room.background
     chunk: dict[int, int] = {}
     for s in sorted((s for s in busy if not s.generating), key=lambda s: s.rank):
         whole = len(busy) == 1 or s.todo > DRIBBLE or s.short
         more = min(s.todo - 1, left) if whole else 0
-        if s.background:  # one ubatch at most: a step given up keeps the ubatches already done
-            more = max(0, min(more, room.background - 1, room.n_ubatch - 1))
+        if s.background:
+            if share <= 0:  # the step's share is spent (oldest job first): a filler this time
+                continue
+            # one ubatch at most: a step given up keeps the ubatches already done
+            more = max(0, min(more, share - 1, room.n_ubatch - 1))
+            share -= 1 + more
         chunk[s.seq] = 1 + more
         left -= more
     rows = []
@@ -77,6 +81,6 @@ def plan(sequences: list[Sequence], room: Room) -> list[Row]:
         elif s.seq in chunk:
             last = chunk[s.seq] == s.todo
             rows.append(Row(s.seq, "prompt", chunk[s.seq], last or (room.every_row and chunk[s.seq] == 1), last))
-        elif not s.full:  # idle: a filler keeps the run of ids unbroken
+        elif not s.full:  # idle (or background work past the step's share): a filler keeps the run of ids unbroken
             rows.append(Row(s.seq, "filler", 1, room.every_row, False))
     return rows

@@ -75,6 +75,15 @@ def test_background_takes_a_bounded_share_while_people_wait_and_a_ubatch_when_th
     assert alone[0].n == 128  # one ubatch at most: a step given up loses no finished ubatch
 
 
+def test_background_jobs_share_one_budget_oldest_first_and_the_rest_wait_as_fillers():
+    seqs = with_(idle(4), a=Sequence(0, generating=True), b=Sequence(1, todo=3000, background=True, rank=2),
+                 c=Sequence(2, todo=3000, background=True, rank=1), d=Sequence(3, todo=3000, background=True, rank=3))
+    rows = {r.seq: r for r in plan(seqs, CPU)}
+    assert rows[2].kind == "prompt" and rows[2].n == CPU.background  # the oldest job takes the share
+    assert rows[1].kind == rows[3].kind == "filler"  # the others wait; the ids stay consecutive
+    assert sum(r.n for r in rows.values() if r.kind == "prompt") == CPU.background
+
+
 def test_a_prompt_row_is_an_answer_only_on_its_last_chunk():
     rows = plan(with_(idle(1), a=Sequence(0, todo=1000)), Room(512, 512, False, 512))
     assert rows[0].n == 512 and not rows[0].answer and not rows[0].output
