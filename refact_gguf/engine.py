@@ -39,17 +39,18 @@ from .cores import FreeCores
 from .errors import BusyError, InputError, RefactGGUFError
 from .llama import Context, Model
 from .prompt_cache import PromptCache
-from .runtime import REUSE_CHUNK, OnText, Slot, common_prefix
+from .runtime import REUSE_CHUNK, OnText, Slot, reuse_plan
 from .tasks import Completion, Task
 
 
 SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk
 BACKGROUND_STEP_S = 1.0  # a step of background prefill lasts about this long (a request arriving stops it, losing it)
-BACKGROUND_SHARE = 4  # in a step people wait on, background prompts get up to a ubatch / this many tokens
+BACKGROUND_SHARE = 1  # in a step people wait on, background prompts together get up to a ubatch / this many tokens
 RESTORE_RATE = {True: 2e9, False: 3e8}  # bytes a second of a restore from memory / from disk, until measured
 MAX_BACKGROUND = 8  # files whose full prompt waits to be evaluated in the background
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds, for /metrics
 SHORT_SHARE = 0.6  # of a prompt budget, what a short prompt may take (the rest: slack, and the first tokens)
+SHORT_FOR_AT_MOST_S = 2.0  # a file answered short this long waits for its full prompt on its next keystroke
 
 
 class Handle:
@@ -155,6 +156,7 @@ class Engine:
         self._background: deque[Handle] = deque()  # newest last: served first
         self._active: dict[Slot, Handle] = {}  # in admission order: prompts are filled first come, first served
         self.prompt_rate: float | None = None  # prompt tokens a second, measured
+        self._shortened: list[tuple[list[int], float]] = []  # files answered short, and since when
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -197,12 +199,14 @@ class Engine:
         return self.submit(task, on_text).wait()
 
     def short_tokens(self, budget_s: float) -> int | None:
-        """How long a short prompt may be to be in within `budget_s`; None: too soon to tell.
-        A power of two: the measured rate moves a little every step, and a window that moved with
-        it would share nothing with the last keystroke's, re-evaluating it every time."""
+        """How long a short prompt may be to be in within `budget_s`, sharing the prompt rate with
+        the requests in flight; None: too soon to tell. A power of two: the measured rate moves a
+        little every step, and a window that moved with it would share nothing with the last
+        keystroke's, re-evaluating it every time."""
         if self.prompt_rate is None or self.cache is None:  # no cache: the full prompt's progress would be lost
             return None
-        return 1 << max(4, int(self.prompt_rate * budget_s * SHORT_SHARE).bit_length() - 1)
+        in_flight = 1 + len(self._waiting) + sum(not h.background for h in list(self._active.values()))
+        return 1 << max(4, int(self.prompt_rate * budget_s * SHORT_SHARE / in_flight).bit_length() - 1)
 
     def slots_state(self) -> list[dict]:
         """Each slot as llama-server's /slots shows it (read without a lock: a snapshot for people)."""
@@ -346,6 +350,8 @@ class Engine:
                     if self._late(slot, handle.task):
                         self._answer_short(slot, handle)
                         shortened = True
+                    elif handle.task.short is not None:  # its full prompt goes in now: no longer a short-answered file
+                        self._shortened = [(p, t) for p, t in self._shortened if not _same_file(p, handle.task.prompt)]
                 except Exception as e:  # noqa: BLE001 - the engine thread must outlive any one task
                     self._fail(slot, handle, _library_error(e))
             if not shortened:
@@ -366,6 +372,9 @@ class Engine:
         prompt tokens of people's requests admitted before it, at the measured rate."""
         if task.short is None or task.prompt_budget is None or self.short_tokens(1.0) is None:
             return False
+        since = next((t for prompt, t in self._shortened if _same_file(prompt, task.prompt)), None)
+        if since is not None and time.perf_counter() - since > SHORT_FOR_AT_MOST_S:
+            return False  # converge: at saturation the background share alone might never finish it
         ahead = sum(len(s.todo) for s, h in self._active.items() if s is not slot and not h.background and not s.generating)
         return time.perf_counter() + (len(slot.todo) + ahead) / self.prompt_rate > task.prompt_budget
 
@@ -377,6 +386,8 @@ class Engine:
         full.prompt_deadline = full.deadline = None  # the client's limits are the short one's now
         full.short = full.prompt_budget = None  # it is background work from now on, never late
         full.max_tokens = 0  # prefill only, also when it resumes from the queue
+        if not any(_same_file(prompt, full.prompt) for prompt, _ in self._shortened):
+            self._shortened = [*self._shortened[-(MAX_BACKGROUND * 4 - 1):], (full.prompt, time.perf_counter())]
         background = Handle(full, None, None)
         background.background = True
         slot.on_text, slot.max_tokens = None, 0
@@ -505,7 +516,10 @@ class Engine:
         done = ctx.run(batch, stop_if=(lambda: bool(self._waiting)) if not people else None)
         t1 = time.perf_counter()
         for r in rows:
-            if r.kind == "filler":
+            # Fillers leave no trace. A step given up keeps in the cache the ubatches llama.cpp had
+            # finished, which no slot counted: they go too, or the next step's positions would not
+            # follow the cache's (llama_decode refuses that batch, failing every task in it).
+            if r.kind == "filler" or not done:
                 ctx.seq_keep(r.seq, self._sequences[r.seq].n_cached)
         if not done:
             self.stats.background_stopped += 1
@@ -566,8 +580,9 @@ def _best_slot(slots: list[Slot], prompt: np.ndarray) -> Slot:
 
 
 def _same_file(a: list[int], b: list[int]) -> bool:
-    """Two prompts of one file: they share at least half of the shorter one's ids up front."""
-    return common_prefix(np.asarray(a, np.int32), np.asarray(b, np.int32)) >= min(len(a), len(b)) // 2
+    """Two prompts of one file: a cache holding `a` keeps at least half of the shorter one for `b`,
+    shifted runs included (a long file's prefix loses its head as the cursor's line grows)."""
+    return reuse_plan(np.asarray(a, np.int32), np.asarray(b, np.int32))[0] >= min(len(a), len(b)) // 2
 
 
 def _library_error(e: Exception) -> RefactGGUFError:

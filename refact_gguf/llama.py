@@ -228,8 +228,8 @@ class Context:
 
     def run(self, batch: Batch, stop_if: Callable[[], bool] | None = None) -> bool:
         """One `llama_decode` of everything in `batch`. With `stop_if`, llama.cpp asks it between
-        the graph's operations (on a CPU) and gives the batch up when it says so: False then, and
-        the batch's positions are gone from the cache (one ubatch: nothing of it stays)."""
+        the graph's operations (on a CPU) and gives the batch up when it says so: False then; the
+        ubatch under way is gone from the cache, the ubatches finished before it stay."""
         raw = batch.raw
         raw.n_tokens = batch.n
         if stop_if is None:
