@@ -225,3 +225,51 @@ def test_a_decode_given_up_leaves_no_trace_in_the_cache(model, files):
         assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx.ptr), 0) == -1
         assert ctx.run(ctx.batch) and ref.run(ref.batch)  # the same positions go in again
         np.testing.assert_array_equal(ctx.logits(1), ref.logits(1))
+
+
+def test_a_background_step_given_up_part_way_leaves_slots_and_cache_in_step(model, files):
+    """llama.cpp keeps the ubatches it finished before a step is given up. Uncounted, they made the
+    next step's positions overlap the cache: llama_decode returned -1 and every task in it failed."""
+    import llama_cpp
+
+    from refact_gguf.engine import Handle
+
+    a, b, c, _ = files
+    prompts = [a + b, b + c, c + a]  # 400 tokens each: a step of 3 × 127 is three ubatches of 128
+    with Engine(model, n_ctx=N_CTX, parallel=3, threads=2, cache=cache_for(model)) as engine:
+        engine.prompt_rate = 10_000.0  # a background step may take whole ubatches
+        jobs = []
+        for p in prompts:
+            job = Handle(Task(list(p), 0), None, None)
+            job.background = True
+            engine._background.append(job)
+            jobs.append(job)
+        real, calls = engine.ctx.run, []
+
+        def counting(batch, stop_if=None, limit=None):
+            n = [0]
+
+            def ask():
+                n[0] += 1
+                return limit is not None and n[0] > limit
+
+            done = real(batch, stop_if=ask)
+            calls.append(n[0])
+            return done
+
+        engine.ctx.run = counting
+        engine.tick()  # a full step: how often llama.cpp asks, for this shape
+        full = calls[-1]
+        engine.ctx.run = lambda batch, stop_if=None: counting(batch, stop_if, limit=int(full * 0.6))
+        engine.tick()  # given up in its second or third ubatch
+        assert engine.stats.background_stopped == 1
+        engine.ctx.run = counting
+        memory = llama_cpp.llama_get_memory(engine.ctx.ptr)
+        for slot in engine.slots:
+            assert llama_cpp.llama_memory_seq_pos_max(memory, slot.seq) == slot.n_cached - 1
+        for _ in range(20):
+            if all(j.done for j in jobs):
+                break
+            engine.tick()
+        assert all(j.wait(0).tokens_evaluated > 0 for j in jobs)  # none failed
+        assert engine.stats.errors == 0
