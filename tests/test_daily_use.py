@@ -110,3 +110,16 @@ def test_a_websocket_upgrade_is_answered_not_logged(q4_model, caplog):
                                                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"})
     assert r.status_code == 401
     assert not [rec for rec in caplog.records if "upgrade" in rec.getMessage().lower() or "WebSocket" in rec.getMessage()]
+
+
+@pytest.mark.parametrize("command", [["convert/convert_hf_to_gguf.py"], ["-m", "refact_gguf.convert"]])
+def test_the_converter_runs_as_a_script_and_as_a_module(command, hf_fused, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, *command, str(hf_fused), "-o", str(tmp_path), "--outtype", "f16"],
+                       cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert r.stdout.strip() == str(tmp_path / "Refact-1_6B-fim.F16.gguf")
