@@ -45,7 +45,6 @@ from .tasks import Completion, Task
 
 SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk
 BACKGROUND_STEP_S = 1.0  # a step of background prefill lasts about this long (a request arriving stops it, losing it)
-BACKGROUND_SHARE = 1  # in a step people wait on, background prompts together get up to a ubatch / this many tokens
 RESTORE_RATE = {True: 2e9, False: 3e8}  # bytes a second of a restore from memory / from disk, until measured
 MAX_BACKGROUND = 8  # files whose full prompt waits to be evaluated in the background
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds, for /metrics
@@ -493,10 +492,11 @@ class Engine:
         if not self._active:
             return
         people = any(not h.background for h in self._active.values())
+        # Background prompts together: one ubatch of a step people wait on (a quarter of one did not
+        # finish whole files under back-to-back typing), ~1 s of prompt of a step nobody waits on.
         rows = layout.plan(self._layout_view(), layout.Room(
             batch.capacity, ctx.n_ubatch, self.full_batches,
-            ctx.n_ubatch // BACKGROUND_SHARE if people else max(32, int((self.prompt_rate or 0) * BACKGROUND_STEP_S))))
-        # (a step nobody waits on: each background job up to a ubatch, all of them up to ~1 s of prompt)
+            ctx.n_ubatch if people else max(32, int((self.prompt_rate or 0) * BACKGROUND_STEP_S))))
         batch.clear()
         answers: list[tuple[Slot, int, int]] = []  # (slot, logits row, batch row) of each answering row
         n_outputs = 0
