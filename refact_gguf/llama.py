@@ -15,7 +15,6 @@ from typing import Callable
 
 import gguf
 import llama_cpp
-import llama_cpp._ggml
 import numpy as np
 
 from . import catalog
@@ -373,7 +372,8 @@ def sequence_logits(path: Path, tokens: list[int], threads: int | None = None) -
 def quantize_rows(rows: np.ndarray, qtype: int, importance: np.ndarray | None = None) -> np.ndarray:
     """float32 rows [n, n_per_row] → their bytes in ggml type `qtype`, through ggml's own quantizer
     (ggml_quantize_chunk: the code llama-quantize runs, K- and IQ-quants included)."""
-    ggml = llama_cpp._ggml.libggml
+    # libggml-base beside the libllama that was loaded (LLAMA_CPP_LIB_PATH or the package's lib/)
+    ggml = ctypes.CDLL(str(Path(llama_cpp.llama_cpp._lib._name).parent / "libggml-base.so"))
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     n, per_row = rows.shape
     block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
