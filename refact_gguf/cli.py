@@ -626,8 +626,8 @@ def pull(
     already complete makes no network request.
 
     The published files were made with llama.cpp's converter, whose graph normalises with RMSNorm
-    where Refact uses LayerNorm. For the types where it measured a gain (Q8_0, Q6_K: docs/quality.md)
-    `pull` then repairs the file: its residual writes are centred, as `convert` does, into a copy
+    where Refact uses LayerNorm. For the types where that measured a gain (Q8_0, Q6_K, Q5_K_M/S,
+    Q5_1, Q4_K_M/S: docs/quality.md) `pull` then repairs the file: its residual writes are centred, as `convert` does, into a copy
     that `run` and `serve` use (the published file stays in the HF cache; with --local-dir the
     repaired file takes its place, the published sha256 kept inside it).
 
