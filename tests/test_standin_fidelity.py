@@ -63,3 +63,31 @@ def test_a_repaired_published_q8_0_is_within_twice_a_converted_one(reference, to
           (("published", published), ("repaired", repaired), ("faithful", faithful))}
     assert kl["repaired"] <= 2 * kl["faithful"], kl
     assert kl["repaired"] < 0.5 * kl["published"], kl
+
+
+def test_batched_greedy_completions_equal_one_by_one_on_trained_weights(tmp_path, vocab_gguf):
+    """The engine's guard where near-ties are rare: eight FIM prompts cut from standard-library
+    files, batched four at a time with the GPU's full-batch layout and the CPU's, each equal to
+    the same prompt run alone (on random weights 6 of 8 were)."""
+    from refact_gguf import tasks
+    from refact_gguf.engine import Engine
+    from refact_gguf.runtime import Runtime
+
+    model_path = convert(STANDIN, tmp_path, "f16", catalog.load().select("Q8_0")).quants["Q8_0"]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    with Model(model_path) as model:
+        prompts = []
+        for name in ("textwrap.py", "heapq.py", "difflib.py", "bisect.py"):
+            lines = (stdlib / name).read_text().splitlines(keepends=True)
+            for cut in (len(lines) // 3, 2 * len(lines) // 3):
+                prefix, suffix = "".join(lines[max(0, cut - 40) : cut]), "".join(lines[cut : cut + 20])
+                prompts.append(tasks.fim(model.tokenize_cached, 1024, prefix, suffix, max_tokens=24).prompt)
+        with Runtime(model, n_ctx=1024, threads=2) as rt:
+            alone = [rt.run(tasks.Task(list(p), 24)).text for p in prompts]
+        for full in (False, True):
+            with Engine(model, n_ctx=1024, parallel=4, threads=2, full_batches=full) as engine:
+                handles = [engine.submit(tasks.Task(list(p), 24)) for p in prompts]
+                while not all(h.done for h in handles):
+                    engine.tick()
+                batched = [h.wait(0).text for h in handles]
+            assert batched == alone, [i for i, (a, b) in enumerate(zip(alone, batched)) if a != b]
