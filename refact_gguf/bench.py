@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import statistics
 import subprocess
@@ -129,9 +128,23 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
         model=Path(path).name, size_bytes=Path(path).stat().st_size, threads=threads, gpu_layers=n_gpu,
         repack=repack_safe(), load_s=load_s, pp_tps=results["pp"][0], pp_std=results["pp"][1],
         tg_tps=results["tg"][0], tg_std=results["tg"][1], gen_tps=results["gen"][0], gen_std=results["gen"][1],
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_mb=_peak_rss_mb(),
         n_prompt=n_prompt, n_gen=n_gen, reps=reps, depth=depth,
     )
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory: getrusage where there is one (Linux reports KiB, macOS
+    bytes), else psutil's peak working set (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        import psutil
+
+        info = psutil.Process().memory_info()
+        return getattr(info, "peak_wset", info.rss) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def _check_fits(tokens: int, what: str) -> None:

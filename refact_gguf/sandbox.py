@@ -46,6 +46,11 @@ class Outcome:
 def run_programs(programs: Sequence[str], limits: Limits = Limits(), parallel: int = 1,
                  on_done: Callable[[int, Outcome], None] | None = None) -> list[Outcome]:
     """Run each program in its own sandboxed child, `parallel` at a time; outcomes in order."""
+    if not sys.platform.startswith("linux"):  # network namespaces, RLIMIT_NPROC, unshare(2)
+        from .errors import RefactGGUFError
+
+        raise RefactGGUFError(f"running the model's code safely needs Linux; this is {sys.platform}",
+                              "run eval --humaneval on a Linux machine (or in WSL 2)")
     results: list[Outcome | None] = [None] * len(programs)
     todo = iter(range(len(programs)))
     lock = threading.Lock()

@@ -123,3 +123,12 @@ def test_the_converter_runs_as_a_script_and_as_a_module(command, hf_fused, tmp_p
                        cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-500:]
     assert r.stdout.strip() == str(tmp_path / "Refact-1_6B-fim.F16.gguf")
+
+
+def test_off_linux_the_humaneval_sandbox_says_so_in_one_line(monkeypatch):
+    from refact_gguf import sandbox
+
+    monkeypatch.setattr(sandbox.sys, "platform", "darwin")
+    with pytest.raises(RefactGGUFError, match="needs Linux; this is darwin") as e:
+        sandbox.run_programs(["print(1)"])
+    assert "WSL" in e.value.hint
