@@ -274,7 +274,7 @@ class Engine:
                 with self._cond:
                     handles, self._waiting = [*self._waiting, *self._active.values()], deque()
                 for slot in self._sequences:
-                    slot.task = slot.on_text = None
+                    slot.release()
                     slot.clear()
                 self._active.clear()
                 for h in handles:
@@ -389,7 +389,7 @@ class Engine:
             self._shortened = [*self._shortened[-(MAX_BACKGROUND * 4 - 1):], (full.prompt, time.perf_counter())]
         background = Handle(full, None, None)
         background.background = True
-        slot.on_text, slot.max_tokens = None, 0
+        slot.silence()
         self._active[slot] = background
         self.stats.short_answers += 1
         with self._cond:
@@ -413,7 +413,7 @@ class Engine:
                 break
             if not any(_same_file(handle.task.prompt, p) for p in full):
                 self._save(slot)
-                slot.task = slot.on_text = None
+                slot.release()
                 del self._active[slot]
                 with self._cond:
                     self._background.append(handle)
@@ -443,7 +443,7 @@ class Engine:
                 same = [s for s, h in jobs.items() if _same_file(h.task.prompt, handle.task.prompt)]
                 for s in same:
                     del self._active[s], jobs[s]
-                    s.task = s.on_text = None
+                    s.release()
                 pool = same or idle
             if not pool:
                 continue
@@ -452,18 +452,18 @@ class Engine:
             if slot in idle:
                 idle.remove(slot)
             self._waiting.remove(handle)
-            slot.task = handle.task  # reserved: `busy` from now on
+            slot.reserve(handle.task)
             admitted.append((slot, handle))
         while self._background and idle:
             handle = self._background.pop()
             slot = _best_slot(idle, np.asarray(handle.task.prompt, np.int32))
             idle.remove(slot)
-            slot.task = handle.task
+            slot.reserve(handle.task)
             admitted.append((slot, handle))
         return admitted
 
     def _fail(self, slot: Slot, handle: Handle, error: RefactGGUFError) -> None:
-        slot.task = slot.on_text = None
+        slot.release()
         self._active.pop(slot, None)
         self.stats.errors += 1
         handle._finish(error=error)

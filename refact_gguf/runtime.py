@@ -74,12 +74,27 @@ class Slot:
         self.ctx, self.seq, self.model = ctx, seq, ctx.model
         self.cached = np.zeros(ctx.n_ctx, np.int32)  # ids in the KV cache, positions 0..n_cached-1
         self.n_cached = 0
-        self.task: Task | None = None
         self.last_used = 0.0
         self.edits = 0  # changes to the cache, counted: a save records the count it saw
         self.saved_edits = 0
         self._sampler = None
         self._sampling: Sampling | None = None
+        # The task under way (set by `start`, cleared by `finish` and `release`).
+        self.task: Task | None = None
+        self.on_text: OnText | None = None
+        self.t_start = 0.0
+        self.t_prompt: float | None = None  # when its prompt was all in
+        self.reused = 0  # prompt tokens the cache already held
+        self.todo = np.zeros(0, np.int32)  # prompt tokens still to evaluate
+        self.evaluated = 0
+        self.prompt_len = 0
+        self.max_tokens = 0
+        self.n_predicted = 0
+        self.sent = 0  # characters of text handed to on_text
+        self.next_token: int | None = None  # the last token picked, decoded next
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops: frozenset[int] = frozenset()
+        self.greedy = True
 
     @property
     def busy(self) -> bool:
@@ -104,6 +119,18 @@ class Slot:
 
     def common_prefix(self, prompt: np.ndarray) -> int:
         return common_prefix(self.cached[: self.n_cached], prompt)
+
+    def reserve(self, task: Task) -> None:
+        """Hold the slot for `task` (busy from now on) until it starts here."""
+        self.task = task
+
+    def release(self) -> None:
+        """Let go of the task without finishing it (it failed, or moves elsewhere); the cache stays."""
+        self.task = self.on_text = None
+
+    def silence(self) -> None:
+        """The task goes on with no one to hear it and nothing to generate: its prompt only."""
+        self.on_text, self.max_tokens = None, 0
 
     def close(self) -> None:
         if self._sampler is not None:
