@@ -39,7 +39,7 @@ from .cores import FreeCores
 from .errors import BusyError, InputError, RefactGGUFError
 from .llama import Context, Model
 from .prompt_cache import PromptCache
-from .runtime import REUSE_CHUNK, OnText, Slot, reuse_plan
+from .runtime import REUSE_CHUNK, OnText, Slot, common_prefix
 from .tasks import Completion, Task
 
 
@@ -580,9 +580,20 @@ def _best_slot(slots: list[Slot], prompt: np.ndarray) -> Slot:
 
 
 def _same_file(a: list[int], b: list[int]) -> bool:
-    """Two prompts of one file: a cache holding `a` keeps at least half of the shorter one for `b`,
-    shifted runs included (a long file's prefix loses its head as the cursor's line grows)."""
-    return reuse_plan(np.asarray(a, np.int32), np.asarray(b, np.int32))[0] >= min(len(a), len(b)) // 2
+    """Two prompts of one file: they share half of the shorter one up front, or the run of
+    REUSE_CHUNK ids at its middle appears in the other (a long file's prefix loses its head as the
+    cursor's line grows, shifting what follows). A byte search: this runs per request and per step."""
+    a, b = np.asarray(a, np.int32), np.asarray(b, np.int32)
+    short, long = (a, b) if len(a) <= len(b) else (b, a)
+    if common_prefix(a, b) >= len(short) // 2:
+        return True
+    if len(short) < 2 * REUSE_CHUNK:
+        return False
+    run, haystack = short[len(short) // 2 :][:REUSE_CHUNK].tobytes(), long.tobytes()
+    at = haystack.find(run)
+    while at > 0 and at % 4:  # a match must start on an id, not inside one
+        at = haystack.find(run, at + 1)
+    return at >= 0
 
 
 def _library_error(e: Exception) -> RefactGGUFError:
