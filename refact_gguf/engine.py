@@ -369,7 +369,7 @@ class Engine:
     def _late(self, slot: Slot, task: Task) -> bool:
         """The prompt cannot be in by the task's budget: what the cache lacks of it, and the
         prompt tokens of people's requests admitted before it, at the measured rate."""
-        if task.short is None or task.prompt_budget is None or self.short_tokens(1.0) is None:
+        if task.short is None or task.prompt_budget is None or self.prompt_rate is None or self.cache is None:
             return False
         since = next((t for prompt, t in self._shortened if _same_file(prompt, task.prompt)), None)
         if since is not None and time.perf_counter() - since > SHORT_FOR_AT_MOST_S:

@@ -8,6 +8,7 @@ this keeps the hot path in llama.cpp: batches filled through numpy, logits read 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from pathlib import Path
@@ -369,18 +370,24 @@ def sequence_logits(path: Path, tokens: list[int], threads: int | None = None) -
     return logits
 
 
+@functools.cache
+def _ggml_quantize_chunk():
+    """ggml_quantize_chunk from the libggml-base beside the libllama that was loaded
+    (LLAMA_CPP_LIB_PATH or the package's lib/)."""
+    fn = ctypes.CDLL(str(Path(llama_cpp.llama_cpp._lib._name).parent / "libggml-base.so")).ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    return fn
+
+
 def quantize_rows(rows: np.ndarray, qtype: int, importance: np.ndarray | None = None) -> np.ndarray:
     """float32 rows [n, n_per_row] → their bytes in ggml type `qtype`, through ggml's own quantizer
     (ggml_quantize_chunk: the code llama-quantize runs, K- and IQ-quants included)."""
-    # libggml-base beside the libllama that was loaded (LLAMA_CPP_LIB_PATH or the package's lib/)
-    ggml = ctypes.CDLL(str(Path(llama_cpp.llama_cpp._lib._name).parent / "libggml-base.so"))
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     n, per_row = rows.shape
     block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
     out = np.empty(n * per_row // block * nbytes, np.uint8)
-    fn = ggml.ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    fn = _ggml_quantize_chunk()
     weights = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
     written = fn(qtype, rows.ctypes.data, out.ctypes.data, 0, n, per_row, None if weights is None else weights.ctypes.data)
     if written != out.size:

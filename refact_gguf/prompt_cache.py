@@ -75,9 +75,8 @@ class Saved:
     tokens: np.ndarray
     size: int
     state: bytearray | None = None
-    path: Path | None = None  # its file, once written or queued
+    path: Path | None = None  # its file, once written or queued (a state only in memory gets one when it leaves memory, or at a flush)
     used: float = field(default_factory=time.monotonic)
-    on_disk: bool = False  # written (or queued): an entry only in memory is written when it leaves memory or at a flush
 
 
 class PromptCache:
@@ -129,7 +128,7 @@ class PromptCache:
         with self._lock:
             self.directory, self.disk_bytes = None, 0
             for saved in self._saved:
-                saved.path, saved.on_disk = None, False
+                saved.path = None
             self._saved = [s for s in self._saved if s.state is not None]
 
     # ------------------------------------------------------------------ the engine's side
@@ -167,13 +166,11 @@ class PromptCache:
             if saved in self._saved:
                 self._drop(saved)
 
-    def flush(self) -> int:
-        """Queue the states only in memory for the disk; how many."""
+    def flush(self) -> None:
+        """Queue the states only in memory for the disk."""
         with self._lock:
-            pending = [s for s in self._saved if s.state is not None and not s.on_disk]
-            for saved in pending:
+            for saved in self._saved:
                 self._to_disk(saved)
-            return len(pending)
 
     def put(self, tokens: np.ndarray, state: bytearray, memory: bool = True) -> None:
         """Save the state of a cache holding `tokens`: in memory, reaching the disk later (`flush`,
@@ -202,17 +199,16 @@ class PromptCache:
 
     def _to_disk(self, saved: Saved) -> None:
         """Queue `saved` for the writer (under the lock); a state larger than the whole disk budget stays off it."""
-        if self.directory is None or saved.on_disk or saved.size > self.disk_bytes:
+        if self.directory is None or saved.path is not None or saved.state is None or saved.size > self.disk_bytes:
             return
         saved.path = self.directory / f"{hashlib.blake2b(saved.tokens.tobytes(), digest_size=12).hexdigest()}.kv"
-        saved.on_disk = True
         self._writes.put((saved.path, saved.tokens, saved.state))
 
     @property
     def unflushed(self) -> bool:
         """Some state is in memory only, and a disk would keep it."""
         with self._lock:
-            return self.directory is not None and any(s.state is not None and not s.on_disk for s in self._saved)
+            return self.directory is not None and any(s.state is not None and s.path is None for s in self._saved)
 
     @property
     def memory_used(self) -> int:
@@ -240,18 +236,18 @@ class PromptCache:
                 in_memory -= saved.size
                 self._to_disk(saved)  # leaving memory: the disk keeps it (written once, now)
                 saved.state = None
-        on_disk = sum(s.size for s in by_age if s.on_disk)
+        on_disk = sum(s.size for s in by_age if s.path is not None)
         for saved in by_age:
-            if on_disk > self.disk_bytes and saved.on_disk:
+            if on_disk > self.disk_bytes and saved.path is not None:
                 on_disk -= saved.size
                 self._writes.put((saved.path, None, None))  # after its own write, if that is queued
-                saved.path, saved.on_disk = None, False
-            if saved.state is None and not saved.on_disk:
+                saved.path = None
+            if saved.state is None and saved.path is None:
                 self._saved.remove(saved)
 
     def _drop(self, saved: Saved) -> None:
         self._saved.remove(saved)
-        if saved.on_disk:
+        if saved.path is not None:
             self._writes.put((saved.path, None, None))
 
     # ------------------------------------------------------------------ disk
@@ -270,7 +266,7 @@ class PromptCache:
             head = self._read(path, with_state=False)
             if head is not None:
                 tokens, size = head
-                self._saved.append(Saved(tokens, size, None, path, used=-1.0, on_disk=True))
+                self._saved.append(Saved(tokens, size, None, path, used=-1.0))
         with self._lock:
             self._trim()
 

@@ -80,9 +80,5 @@ def _add(w: gguf.GGUFWriter, name: str, t, centre) -> None:
     """Dequantize, centre, store again in the tensor's own type."""
     qtype = gguf.GGMLQuantizationType(t.tensor_type)
     x = centre(np.asarray(dequantize(t.data, qtype), dtype=np.float32).reshape(-1, int(t.shape[0])))
-    if qtype in _FLOATS:
-        data = x.astype(_FLOATS[qtype])
-        w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
-    else:
-        data = quantize_rows(x, int(qtype))
-        w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+    data = x.astype(_FLOATS[qtype]) if qtype in _FLOATS else quantize_rows(x, int(qtype))
+    w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
