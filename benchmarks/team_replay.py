@@ -81,11 +81,13 @@ def http_sender(url: str, keys: list[str] | None = None):
 
 def engine_sender(engine):
     """One request straight to refact-gguf's engine, built as the server builds it."""
-    from refact_gguf import tasks
+    from refact_gguf.server import Limits, Service
+
+    service = Service(engine, "replay", Limits(prompt_budget_ms=0))
 
     def send(who: int, body: dict) -> tuple[bool, dict]:
-        task = tasks.fim(engine.model.tokenize_cached, engine.n_ctx, body["input_prefix"], body["input_suffix"],
-                         max_tokens=body["n_predict"], line=body["prompt"])
+        task = service.fim(body["input_prefix"], body["input_suffix"], time.perf_counter(),
+                           max_tokens=body["n_predict"], line=body["prompt"])
         c = engine.run(task)
         return True, {"prompt_n": c.tokens_evaluated, "predicted_n": c.tokens_predicted}
 

@@ -50,6 +50,7 @@ class ModelInfo:
     n_vocab: int
     cpu_flash_attn: bool
     cpu_ubatch: int
+    fim_context: int
 
     def attention(self, gpu: bool) -> tuple[bool | None, int]:
         """(flash attention: on, off or None for llama.cpp's choice; ubatch size) on a GPU or a CPU."""

@@ -15,7 +15,7 @@ from typing import Callable
 import llama_cpp
 import numpy as np
 
-from . import tasks
+from . import catalog, tasks
 from .cores import FreeCores
 from .errors import InputError
 from .llama import Context, Model
@@ -333,8 +333,9 @@ class Runtime:
             slot.token_done()
 
     def fim(self, prefix: str, suffix: str = "", on_text: OnText | None = None, **options) -> Completion:
-        """Fill in between `prefix` and `suffix`; `options` are those of `tasks.fim`."""
-        return self.run(tasks.fim(self.tokenize, self.n_ctx, prefix, suffix, **options), on_text)
+        """Fill in between `prefix` and `suffix` in at most the model's FIM context; `options` are those of `tasks.fim`."""
+        budget = min(catalog.load().model.fim_context, self.n_ctx)
+        return self.run(tasks.fim(self.tokenize, budget, prefix, suffix, **options), on_text)
 
     def complete(self, text: str, on_text: OnText | None = None, **options) -> Completion:
         """Plain continuation of `text`; `options` are those of `tasks.complete`."""

@@ -453,3 +453,14 @@ def test_a_json_body_is_read_whatever_its_label(q4_model, content_type):
                            ("/api/generate", b'{"prompt": "def f(", "stream": false, "options": {"num_predict": 2}}')):
             r = httpx.post(f"{u}{path}", content=body, headers=headers, timeout=60)
             assert r.status_code == 200, (path, r.text)
+
+
+def test_a_fim_prompt_keeps_the_lines_nearest_the_cursor_within_the_fim_context(q4_model):
+    # A whole file either side of the cursor: the prompt stops at --fim-context, not at the context.
+    body = {"input_prefix": PREFIX * 30, "input_suffix": SUFFIX * 60, "n_predict": 4, "t_max_prompt_ms": 0}
+    with running(q4_model, parallel=1, limits=Limits(max_predict=64, fim_context=400)) as u:
+        narrow = httpx.post(f"{u}/infill", json=body, timeout=60).json()
+    with running(q4_model, parallel=1) as u:  # the model's default (2,048) is past this context (1,024)
+        wide = httpx.post(f"{u}/infill", json=body, timeout=60).json()
+    assert narrow["truncated"] and 300 < narrow["tokens_evaluated"] <= 400 - 4
+    assert wide["truncated"] and 900 < wide["tokens_evaluated"] <= 1024 - 4

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from .. import tasks
+from .. import catalog, tasks
 from ..engine import Engine, Handle
 from ..errors import BusyError, InputError, RefactGGUFError
 from ..tasks import Completion, Task
@@ -25,6 +25,7 @@ class Limits:
     max_queue: int = 16
     body_timeout_s: float = 30.0  # a request body that stops arriving frees its connection after this
     prompt_budget_ms: int = 1000  # for FIM requests that bring no t_max_prompt_ms (0: always the full prompt)
+    fim_context: int = field(default_factory=lambda: catalog.load().model.fim_context)  # a FIM prompt + answer, tokens
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class Service:
         from the lines around the cursor and evaluates the whole file in the background."""
         budget_ms = self.limits.prompt_budget_ms if budget_ms is None else budget_ms
         short_tokens = self.engine.short_tokens(budget_ms / 1e3) if budget_ms > 0 and cache else None
-        task = tasks.fim(self.tokenize, self.engine.n_ctx, prefix, suffix, short_tokens=short_tokens, **options)
+        task = tasks.fim(self.tokenize, min(self.limits.fim_context, self.engine.n_ctx), prefix, suffix,
+                         short_tokens=short_tokens, **options)
         task.prompt_budget = start + budget_ms / 1e3 if short_tokens is not None else None
         return task
 
