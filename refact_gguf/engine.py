@@ -381,7 +381,7 @@ class Engine:
         """The full prompt goes on evaluating on `slot`, in the background; the person's request
         becomes its short version, first in line for a scratch sequence."""
         full = handle.task
-        handle.task = full.short
+        handle.task = full.short()
         full.prompt_deadline = full.deadline = None  # the client's limits are the short one's now
         full.short = full.prompt_budget = None  # it is background work from now on, never late
         full.max_tokens = 0  # prefill only, also when it resumes from the queue

@@ -43,19 +43,43 @@ class FimPrompt:
 
 def _fit(tokenize: Tokenize, text: str, budget: int, keep: Literal["head", "tail"],
          ids: list[int] | None = None) -> tuple[str, list[int], bool]:
-    """The most whole lines of `text` (from its head or tail) whose tokens fit `budget`."""
+    """The most whole lines of `text` (from its head or tail) whose tokens fit `budget`.
+
+    The search starts where the text's own characters per token put the cut and steps out from
+    there, so it tokenizes a few budget-sized texts, not halves of the file (a whole file sent on
+    every keystroke made a binary search over it most of a keystroke's time on a CPU)."""
     ids = tokenize(text) if ids is None else ids
     if len(ids) <= budget:
         return text, ids, False
     lines = text.splitlines(keepends=True)
     pick = (lambda k: "".join(lines[-k:]) if k else "") if keep == "tail" else (lambda k: "".join(lines[:k]))
-    lo, hi = 0, len(lines)  # largest k with tokens(pick(k)) <= budget; k = len(lines) does not fit
+    counted: dict[int, list[int]] = {}
+
+    def fits(k: int) -> bool:
+        if k not in counted:
+            counted[k] = tokenize(pick(k))
+        return len(counted[k]) <= budget
+
+    # The largest k with fits(k); k = len(lines) does not fit. First guess: the lines holding
+    # `budget` tokens' worth of characters at the text's density.
+    ordered = lines[::-1] if keep == "tail" else lines
+    chars, room, guess = 0, budget * len(text) / len(ids), 0
+    while guess < len(lines) - 1 and chars + len(ordered[guess]) <= room:
+        chars += len(ordered[guess])
+        guess += 1
+    if fits(guess):  # gallop up from the guess to the first k that does not fit
+        lo, step = guess, 1
+        while lo + step < len(lines) and fits(lo + step):
+            lo, step = lo + step, 2 * step
+        hi = min(lo + step, len(lines))
+    else:  # gallop down to one that fits
+        hi, step = guess, 1
+        while hi - step > 0 and not fits(hi - step):
+            hi, step = hi - step, 2 * step
+        lo = max(hi - step, 0)
     while lo < hi - 1:
         mid = (lo + hi) // 2
-        if len(tokenize(pick(mid))) <= budget:
-            lo = mid
-        else:
-            hi = mid
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     if lo == 0 and keep == "tail" and lines:
         # Even the cursor's own line is too long: keep its end, character-wise.
         line = lines[-1]
@@ -64,8 +88,7 @@ def _fit(tokenize: Tokenize, text: str, budget: int, keep: Literal["head", "tail
             cut = cut * 3 // 4
         kept = line[len(line) - cut :]
         return kept, tokenize(kept), True
-    kept = pick(lo)
-    return kept, tokenize(kept), True
+    return pick(lo), counted[lo] if lo in counted else tokenize(pick(lo)), True
 
 
 LINE_RESERVE = 64  # tokens kept free for the line being typed, so typing never moves the prefix cut

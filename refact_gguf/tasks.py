@@ -169,10 +169,12 @@ class Task:
     reuse_cache: bool = True  # False: evaluate the whole prompt (llama-server's cache_prompt: false)
     truncated: bool = False
     notes: tuple[str, ...] = ()
-    # The same request on the lines around the cursor: what the engine answers instead when the
-    # cache holds too little of `prompt` to have it in by `prompt_budget` (a time.perf_counter()),
-    # evaluating `prompt` in the background meanwhile, for the keystrokes that follow.
-    short: Task | None = None
+    # Makes the same request on the lines around the cursor (with this one's limits): what the
+    # engine answers instead when the cache holds too little of `prompt` to have it in by
+    # `prompt_budget` (a time.perf_counter()), evaluating `prompt` in the background meanwhile, for
+    # the keystrokes that follow. Made only then: fitting the lines tokenizes, and a warm keystroke
+    # would pay for it every time.
+    short: Callable[[], Task] | None = None
     prompt_budget: float | None = None
     short_context: bool = False
 
@@ -197,20 +199,23 @@ def fim(tokenize: Tokenize, n_ctx: int, prefix: str, suffix: str = "", *, order:
     rules = StopRules(stop, code=True, prefix=prompt.prefix, suffix=prompt.suffix, multiline=multiline, indent=indent)
     task = Task(prompt.tokens, max_tokens, sampling, rules, truncated=prompt.truncated, notes=notes)
     if short_tokens is not None and len(prompt.tokens) > short_tokens:
-        # Whole lines near the cursor, a few times the budget's worth of characters, so fitting
-        # them tokenizes a few lines, not the file.
-        span = 8 * short_tokens
-        near_prefix = prefix if len(prefix) <= span else prefix[-span:].partition("\n")[2]
-        head = prompt.suffix[:span]
-        near_suffix = head if len(prompt.suffix) <= span else head[: head.rfind("\n") + 1]
-        near = fim_prompt.build_prompt(tokenize, near_prefix, near_suffix, short_tokens, order, line)
-        # One line: what a few lines of context can tell (the full context comes with later keys).
-        task.short = Task(
-            near.tokens, max_tokens, sampling,
-            StopRules(stop, code=True, prefix=near.prefix, suffix=near.suffix, multiline=False, indent=indent),
-            truncated=True, short_context=True,
-            notes=(f"short context: answered from the {len(near.tokens)} tokens around the cursor while the"
-                   f" full prompt ({len(prompt.tokens)} tokens) is evaluated for the next keystrokes",))
+        def short() -> Task:
+            # Whole lines near the cursor, a few times the budget's worth of characters, so fitting
+            # them tokenizes a few lines, not the file.
+            span = 8 * short_tokens
+            near_prefix = prefix if len(prefix) <= span else prefix[-span:].partition("\n")[2]
+            head = prompt.suffix[:span]
+            near_suffix = head if len(prompt.suffix) <= span else head[: head.rfind("\n") + 1]
+            near = fim_prompt.build_prompt(tokenize, near_prefix, near_suffix, short_tokens, order, line)
+            # One line: what a few lines of context can tell (the full context comes with later keys).
+            return Task(
+                near.tokens, max_tokens, sampling,
+                StopRules(stop, code=True, prefix=near.prefix, suffix=near.suffix, multiline=False, indent=indent),
+                prompt_deadline=task.prompt_deadline, deadline=task.deadline, reuse_cache=task.reuse_cache,
+                truncated=True, short_context=True,
+                notes=(f"short context: answered from the {len(near.tokens)} tokens around the cursor while the"
+                       f" full prompt ({len(prompt.tokens)} tokens) is evaluated for the next keystrokes",))
+        task.short = short
     return task
 
 

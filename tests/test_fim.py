@@ -57,7 +57,7 @@ def test_a_long_prompt_carries_a_short_one_from_the_lines_around_the_cursor():
     prefix = "".join(f"prefix line {i}\n" for i in range(300))
     suffix = "".join(f"suffix line {i}\n" for i in range(300))
     task = tasks.fim(tok, 4096, prefix, suffix, line="    x", max_tokens=16, short_tokens=100)
-    short = task.short
+    short = task.short()
     assert len(task.prompt) > 3000 and short.short_context and short.truncated and len(short.prompt) <= 100
     text = "".join(chr(t - 100) for t in short.prompt if t >= 100)
     assert text.startswith("suffix line 0\n") and text.endswith("prefix line 299\n    x")  # nearest the cursor

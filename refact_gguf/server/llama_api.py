@@ -52,12 +52,10 @@ class _Generation(_Request):
         return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
 
     def limit(self, task: Task, start: float) -> Task:
-        """The request's cache and time limits on `task` (and on its short version)."""
+        """The request's cache and time limits on `task` (its short version takes them from it)."""
         task.reuse_cache = self.cache_prompt
-        for t in (task, task.short):
-            if t is not None:
-                t.prompt_deadline = start + self.t_max_prompt_ms / 1e3 if self.t_max_prompt_ms > 0 else None
-                t.deadline = start + self.t_max_predict_ms / 1e3 if self.t_max_predict_ms > 0 else None
+        task.prompt_deadline = start + self.t_max_prompt_ms / 1e3 if self.t_max_prompt_ms > 0 else None
+        task.deadline = start + self.t_max_predict_ms / 1e3 if self.t_max_predict_ms > 0 else None
         return task
 
 
