@@ -117,8 +117,8 @@ def _report(result) -> None:
 
 @app.command()
 def convert(
-    hf_dir: Annotated[Path, typer.Argument(help="HF checkpoint directory (config.json, *.safetensors or pytorch_model.bin, tokenizer.json).")],
-    output: OutDir = Path("."),
+    source: Annotated[str, typer.Argument(help="HF checkpoint directory (config.json, *.safetensors or pytorch_model.bin, tokenizer.json), or a Hub repo id such as smallcloudai/Refact-1_6B-fim (downloaded into the HF cache: resumable, verified, offline once cached).")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Directory for the GGUF files (default: here for a directory; for a repo id, where run and serve find them).")] = None,
     outtype: Annotated[str, typer.Option("--outtype", help="Base GGUF precision: f32, f16 or bf16.")] = "f16",
     quant: QuantList = None,
     imatrix: Annotated[Optional[Path], typer.Option("--imatrix", help="Use this llama.cpp imatrix file (GGUF or legacy .dat) instead of computing one.")] = None,
@@ -132,24 +132,28 @@ def convert(
 
     Writes Refact-1_6B-fim.OUTTYPE.gguf, then one Refact-1_6B-fim.QUANT.gguf per quant.
     The model's LayerNorm stays exact under llama.cpp's RMSNorm (the residual writes are centred).
-    The IQ and 3-bit-or-less quants use an importance matrix computed on code.
+    The IQ and 3-bit-or-less quants use an importance matrix computed on code. From a repo id the
+    files go where `run` and `serve` look first, so `run -m Q4_K_M` then runs the faithful file.
 
     **Examples**
 
     ```
+    refact-gguf convert smallcloudai/Refact-1_6B-fim --quant Q4_K_M
     refact-gguf convert ./Refact-1_6B-fim -o out
     refact-gguf convert ./Refact-1_6B-fim -o out --quant Q4_K_M,Q8_0
     refact-gguf convert ./Refact-1_6B-fim -o out --outtype f32 --quant all --calibration ~/src/app
     ```
     """
     from .convert import convert as run_convert
+    from .hub import checkpoint_source
 
     from .catalog import load
 
     llama_output(verbose)
     quants = load().select(quant) if quant else []
+    hf_dir, default_output = checkpoint_source(source, progress=RichProgress())
     result = run_convert(
-        hf_dir, output, outtype, quants,
+        hf_dir, output or default_output, outtype, quants,
         imatrix_file=imatrix, use_imatrix=not no_imatrix, calibration=calibration,
         calibration_tokens=calibration_tokens, threads=threads, progress=RichProgress(),
     )

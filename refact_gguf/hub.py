@@ -42,6 +42,9 @@ DISK_MARGIN = 64 << 20
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX40 = re.compile(r"[0-9a-f]{40}")
+# A checkpoint's weights, in the order looked for: one file, or an index of shards.
+_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 
 
 class HubError(RefactGGUFError):
@@ -81,8 +84,27 @@ class HubConfig:
         return cls(**{**config.__dict__, **overrides})
 
 
-def _repo_dir(config: HubConfig) -> Path:
-    return config.cache_dir / repo_folder_name(repo_id=catalog.load().model.gguf_repo, repo_type="model")
+class MissingFile(HubError):
+    """The repo has no such file (HTTP 404)."""
+
+
+class Unreachable(HubError):
+    """No connection to the endpoint."""
+
+
+def _repo_dir(config: HubConfig, repo: str | None = None) -> Path:
+    return config.cache_dir / repo_folder_name(repo_id=repo or catalog.load().model.gguf_repo, repo_type="model")
+
+
+def converted_dir() -> Path:
+    """Where `convert <repo id>` leaves the files it makes: quants found there come before pulled ones."""
+    from .userdirs import cache_root
+
+    return cache_root() / "converted"
+
+
+def converted_path(quant: Quant) -> Path:
+    return converted_dir() / quant.filename(catalog.load().model)
 
 
 def faithful_path(quant: Quant, sha256: str) -> Path:
@@ -94,8 +116,11 @@ def faithful_path(quant: Quant, sha256: str) -> Path:
 
 
 def cached_path(quant: Quant, config: HubConfig | None = None, as_published: bool = False) -> Path | None:
-    """The complete cached file of `quant`, found without any network request: its faithful copy
-    where `pull` made one (unless `as_published`), else the file as published."""
+    """The complete cached file of `quant`, found without any network request: unless
+    `as_published`, the one converted from the checkpoint, else the faithful copy `pull` made; else
+    the file as published."""
+    if not as_published and (converted := converted_path(quant)).is_file():
+        return converted
     config = config or HubConfig.from_env()
     model = catalog.load().model
     repo = _repo_dir(config)
@@ -123,15 +148,14 @@ def _offline_error(quant: Quant, config: HubConfig, why: str) -> HubError:
     )
 
 
-def _http_error(e: HfHubHTTPError | httpx2.HTTPStatusError, quant: Quant) -> HubError:
+def _http_error(e: HfHubHTTPError | httpx2.HTTPStatusError, repo: str, filename: str) -> HubError:
     status = e.response.status_code if e.response is not None else None
-    repo = catalog.load().model.gguf_repo
     if status in (401, 403):
         return HubError(f"the Hub refused access to {repo} (HTTP {status})", "set HF_TOKEN to a valid token, or run `hf auth login`")
     if status == 404:
-        return HubError(f"{quant.filename(catalog.load().model)} was not found in {repo} (HTTP 404): the repo or file is gone",
-                        "check the repo on the Hub, or convert the model yourself: refact-gguf convert")
-    return HubError(f"the Hub answered HTTP {status} for {quant.name}", "try again later")
+        return MissingFile(f"{filename} was not found in {repo} (HTTP 404): the repo or file is gone",
+                           "check the repo id on the Hub, or convert the model from its checkpoint: refact-gguf convert")
+    return HubError(f"the Hub answered HTTP {status} for {filename}", "try again later")
 
 
 def pull(
@@ -158,13 +182,93 @@ def pull(
     if config.offline:
         raise _offline_error(quant, config, "HF_HUB_OFFLINE is set")
 
-    url = hf_hub_url(model.gguf_repo, filename, revision=model.revision, endpoint=config.endpoint)
+    try:
+        path, sha256 = _fetch(model.gguf_repo, model.revision, filename, config, progress, f"pull {quant.name}",
+                              verify=lambda partial: _verify(partial, quant), local_dir=local_dir, force=force)
+    except Unreachable as e:
+        raise _offline_error(quant, config, e.message) from None
+    return _faithful(path, sha256, quant, as_published, progress, in_place=local_dir is not None)
+
+
+def fetch_checkpoint(repo: str, revision: str = "main", config: HubConfig | None = None,
+                     progress: Progress | None = None) -> Path:
+    """A Hub checkpoint's config.json, tokenizer.json and weights (safetensors, sharded or not, else
+    pytorch_model.bin) in the HF cache: its snapshot directory. Resumed, verified, and with no
+    request at all once complete (so offline)."""
+    config = config or HubConfig.from_env()
+    progress = progress or Progress()
+    ref = _repo_dir(config, repo) / "refs" / revision
+    if ref.is_file() and _complete_checkpoint(snapshot := _repo_dir(config, repo) / "snapshots" / ref.read_text().strip()):
+        return snapshot
+    if config.offline:
+        raise HubError(f"HF_HUB_OFFLINE is set, and {repo} is not in the cache ({config.cache_dir})",
+                       "connect and run the same command again, or pass a local checkpoint directory")
+
+    def fetch(name: str) -> Path:
+        return _fetch(repo, revision, name, config, progress, f"download {name}")[0]
+
+    for name in ("config.json", "tokenizer.json"):
+        snapshot = fetch(name).parent
+    for single, index in _WEIGHTS:
+        for name in (single, index):
+            try:
+                path = fetch(name)
+            except MissingFile:
+                continue
+            if name == index:
+                for shard in sorted(set(_weight_map(path).values())):
+                    fetch(shard)
+            return snapshot
+    raise HubError(f"{repo} has no weights this converter reads (model.safetensors or pytorch_model.bin, sharded or not)",
+                   "check the repo id: it should be a Refact checkpoint such as smallcloudai/Refact-1_6B-fim")
+
+
+def checkpoint_source(source: str, progress: Progress | None = None) -> tuple[Path, Path]:
+    """What `convert SOURCE` reads and where it writes by default: a checkpoint directory (written
+    here), or a Hub repo id, fetched (written where run and serve find quants)."""
+    if Path(source).expanduser().exists() or not _REPO_ID.fullmatch(source):
+        return Path(source).expanduser(), Path(".")  # a directory (the checkpoint reader says what is wrong with it)
+    return fetch_checkpoint(source, progress=progress), converted_dir()
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    import json
+
+    try:
+        shards = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        raise HubError(f"{index.name} is not a weight index (no weight_map)") from None
+    if not isinstance(shards, dict) or not all(isinstance(v, str) and "/" not in v and v.strip(".") for v in shards.values()):
+        raise HubError(f"{index.name} names shards this converter will not fetch")
+    return shards
+
+
+def _complete_checkpoint(snapshot: Path) -> bool:
+    if not ((snapshot / "config.json").is_file() and (snapshot / "tokenizer.json").is_file()):
+        return False
+    for single, index in _WEIGHTS:
+        if (snapshot / single).is_file():
+            return True
+        if (snapshot / index).is_file():
+            try:
+                return all((snapshot / shard).is_file() for shard in _weight_map(snapshot / index).values())
+            except HubError:
+                return False
+    return False
+
+
+def _fetch(repo: str, revision: str, filename: str, config: HubConfig, progress: Progress, label: str,
+           verify=None, local_dir: Path | None = None, force: bool = False) -> tuple[Path, str]:
+    """One file of a Hub repo, downloaded (resumed), its sha256 checked and `verify` passed, into
+    the HF cache's layout (or `local_dir`): (its path, its sha256)."""
+    url = hf_hub_url(repo, filename, revision=revision, endpoint=config.endpoint)
     try:
         meta = get_hf_file_metadata(url, token=config.token, timeout=config.timeout, endpoint=config.endpoint)
     except HfHubHTTPError as e:
-        raise _http_error(e, quant) from None
+        raise _http_error(e, repo, filename) from None
     except (httpx2.TransportError, OSError) as e:
-        raise _offline_error(quant, config, f"cannot reach {config.endpoint} ({type(e).__name__})") from None
+        raise Unreachable(f"cannot reach {config.endpoint} ({type(e).__name__})",
+                          "check the connection (HF_ENDPOINT), or work offline from the cache: HF_HUB_OFFLINE=1") from None
     if not meta.etag or meta.size is None or not meta.commit_hash:
         raise HubError(f"the Hub sent incomplete metadata for {filename}", "try again later")
     # Both name files here (blobs/<sha256>, snapshots/<commit>/): a mirror or a broken endpoint must
@@ -181,10 +285,10 @@ def pull(
         partial = final.with_name(final.name + ".incomplete")
         lock = Path(local_dir) / ".cache" / "huggingface" / "download" / f"{filename}.lock"
     else:
-        repo = _repo_dir(config)
-        final = repo / "blobs" / meta.etag
+        folder = _repo_dir(config, repo)
+        final = folder / "blobs" / meta.etag
         partial = final.with_name(f"{meta.etag}.incomplete")
-        lock = config.cache_dir / ".locks" / repo.name / f"{meta.etag}.lock"
+        lock = config.cache_dir / ".locks" / folder.name / f"{meta.etag}.lock"
     try:
         partial.parent.mkdir(parents=True, exist_ok=True)
         lock.parent.mkdir(parents=True, exist_ok=True)
@@ -203,12 +307,13 @@ def pull(
                     f"{free / 2**30:.2f} GiB free in {partial.parent}",
                     "free some space, or pull a smaller quant (refact-gguf list)",
                 )
-            _download(meta.location, partial, meta.size, meta.etag, quant, config, progress)
-            _verify(partial, meta.etag, quant)
+            _download(meta.location, partial, meta.size, meta.etag, label, repo, filename, config, progress)
+            if verify is not None:
+                verify(partial)
             os.replace(partial, final)
     if local_dir is not None:
-        return _faithful(final, meta.etag, quant, as_published, progress, in_place=True)
-    return _faithful(_link_snapshot(final, meta.commit_hash, filename, config), meta.etag, quant, as_published, progress)
+        return final, meta.etag
+    return _link_snapshot(final, meta.commit_hash, filename, config, repo, revision), meta.etag
 
 
 def _faithful(published: Path, sha256: str | None, quant: Quant, as_published: bool, progress: Progress,
@@ -247,7 +352,8 @@ def _auth_headers(location: str, config: HubConfig) -> dict[str, str]:
     return build_hf_headers(token=config.token if same_host else False)
 
 
-def _download(location: str, partial: Path, size: int, etag: str, quant: Quant, config: HubConfig, progress: Progress) -> None:
+def _download(location: str, partial: Path, size: int, etag: str, label: str, repo: str, filename: str,
+              config: HubConfig, progress: Progress) -> None:
     """Fetch into `partial`, continuing from its bytes; retry dropped connections with Range."""
     digest = hashlib.sha256()
     have = 0
@@ -259,7 +365,7 @@ def _download(location: str, partial: Path, size: int, etag: str, quant: Quant, 
     if have > size:
         partial.unlink()
         digest, have = hashlib.sha256(), 0
-    progress.start(f"pull {quant.name}", size, "B")
+    progress.start(label, size, "B")
     progress.update(have, size)
     session = get_session()
     failures = 0
@@ -287,30 +393,27 @@ def _download(location: str, partial: Path, size: int, etag: str, quant: Quant, 
                 break
             reason = "the connection closed early"
         except httpx2.HTTPStatusError as e:
-            raise _http_error(e, quant) from None
+            raise _http_error(e, repo, filename) from None
         except (httpx2.TransportError, httpx2.StreamError) as e:
             reason = type(e).__name__
         failures += 1
         if failures > config.retries:
             raise HubError(
-                f"download of {quant.name} kept failing ({reason}); {have / 2**20:.0f} MiB kept",
-                "run the same pull again to continue from there",
+                f"download of {filename} kept failing ({reason}); {have / 2**20:.0f} MiB kept",
+                "run the same command again to continue from there",
             )
         time.sleep(config.backoff * 2 ** (failures - 1))
-    progress.finish(f"pulled {quant.filename(catalog.load().model)} ({size / 2**30:.2f} GiB)")
-    _check_sha(partial, digest.hexdigest(), etag, quant)
-
-
-def _check_sha(partial: Path, sha: str, etag: str, quant: Quant) -> None:
-    if sha != etag:  # the ETag was checked to be a sha256 before anything was downloaded
+    progress.finish(f"downloaded {filename} ({size / 2**30:.2f} GiB)")
+    if digest.hexdigest() != etag:  # the ETag was checked to be a sha256 before anything was downloaded
         partial.unlink(missing_ok=True)
         raise HubError(
-            f"{quant.name}: the downloaded file's sha256 {sha[:12]}… is not the Hub's {etag[:12]}…; the corrupt file was removed",
-            "run the pull again",
+            f"{filename}: the downloaded file's sha256 {digest.hexdigest()[:12]}… is not the Hub's {etag[:12]}…;"
+            " the corrupt file was removed",
+            "run the same command again",
         )
 
 
-def _verify(partial: Path, etag: str, quant: Quant) -> None:
+def _verify(partial: Path, quant: Quant) -> None:
     """A Refact GGUF of the promised quant type, or the file goes."""
     try:
         info = inspect(partial)
@@ -322,10 +425,10 @@ def _verify(partial: Path, etag: str, quant: Quant) -> None:
         raise HubError(f"{quant.name}: the file on the Hub has quant type {info.file_type}, not {quant.ftype}; removed it")
 
 
-def _link_snapshot(blob: Path, commit: str, filename: str, config: HubConfig) -> Path:
+def _link_snapshot(blob: Path, commit: str, filename: str, config: HubConfig, repo: str, revision: str) -> Path:
     """snapshots/<commit>/<file> → ../../blobs/<sha>, refs/<revision> = commit: HF's cache layout."""
-    repo = _repo_dir(config)
-    link = repo / "snapshots" / commit / filename
+    folder = _repo_dir(config, repo)
+    link = folder / "snapshots" / commit / filename
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = link.with_name(f".{filename}.{os.getpid()}.link")
     try:
@@ -334,7 +437,7 @@ def _link_snapshot(blob: Path, commit: str, filename: str, config: HubConfig) ->
     except OSError:  # no symlinks (Windows without developer mode): keep the bytes in the snapshot
         shutil.copyfile(blob, tmp)
     os.replace(tmp, link)
-    ref = repo / "refs" / catalog.load().model.revision
+    ref = folder / "refs" / revision
     ref.parent.mkdir(parents=True, exist_ok=True)
     ref.write_text(commit)
     return link

@@ -30,6 +30,7 @@ class FakeHub:
     requests: list[Request] = field(default_factory=list)
     status: int | None = None  # force this status on every resolve request (401, 404…)
     drop_after: int | None = None  # close the connection after this many body bytes (once)
+    drop_file: str | None = None  # … of this file only (default: whichever is sent first)
     hang_after: int | None = None  # send this many bytes, then hang until `release` (a client killed mid-file)
     corrupt: bool = False  # serve flipped bytes (sha256 mismatch)
     ignore_range: bool = False
@@ -126,7 +127,7 @@ class FakeHub:
             if head:
                 return
             limit = len(body)
-            if self.drop_after is not None:
+            if self.drop_after is not None and self.drop_file in (None, name):
                 limit, self.drop_after = min(limit, max(0, self.drop_after - start)), None
             hang = self.hang_after is not None and self.hang_after - start < limit
             if hang:
