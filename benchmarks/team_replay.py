@@ -163,6 +163,9 @@ def summarize(rows: list[dict], typists: int, keystrokes: int, n_predict: int) -
         "warm_mean_prompt_n": round(statistics.mean(r["prompt_n"] for r in warm_ok), 2) if warm_ok else 0.0,
         "warm_mean_predicted_n": round(statistics.mean(r["predicted_n"] for r in warm_ok), 2) if warm_ok else 0.0,
         "errors": sum(not r["ok"] for r in rows),
+        # From everyone's first keystroke to the last answer: what front-loading a cold file's
+        # prompt (or spreading it over the next keystrokes) costs a person in all.
+        "session_s": round(max(r["end"] for r in rows) - min(r["start"] for r in rows), 2),
     }
 
 
@@ -178,11 +181,13 @@ def main() -> None:
     ap.add_argument("--n-predict", type=int, default=16)
     ap.add_argument("--whole-files", action="store_true", help="the whole file around the cursor, not 256/64 lines")
     ap.add_argument("--stagger-ms", type=float, default=0.0, help="typist i starts typing i × this late")
+    ap.add_argument("--pause-ms", type=float, default=0.0, help="between an answer and the next keystroke (0: back to back)")
     ap.add_argument("--budget-ms", type=int, default=600000, help="t_max_prompt_ms sent (llama.vim: 500)")
     ap.add_argument("--label", default="")
     ap.add_argument("--json", type=Path, help="append the summary as one JSON line")
     args = ap.parse_args()
-    options = {"whole": args.whole_files, "stagger_ms": args.stagger_ms, "budget_ms": args.budget_ms}
+    options = {"whole": args.whole_files, "stagger_ms": args.stagger_ms, "budget_ms": args.budget_ms,
+               "pause_s": args.pause_ms / 1e3}
     if args.url:
         url = args.url.rstrip("/")
         summary = replay(http_sender(url), args.typists, args.keystrokes, args.n_predict, lambda: server_counters(url), **options)
