@@ -115,10 +115,8 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
     # What a user gets: greedy generation with detokenization and the FIM stop rules' callback.
     with Runtime(model, n_ctx=depth + n_prompt + n_gen + 16, threads=threads) as rt:
         def run_gen() -> float:
-            rt.slot.clear()
-            if depth_state:  # the same depth, restored; the run evaluates the prompt after it
-                rt.ctx.seq_restore(0, depth_state[0], depth)
-                rt.slot.holds(np.asarray(context, np.int32))
+            # the same depth, restored (or none); the run evaluates the prompt after it
+            rt.restore(*(depth_state[0], context) if depth_state else ())
             done = rt.run(Task(context + prompt[:16], n_gen))
             return done.tokens_predicted / (done.predicted_ms / 1e3) if done.predicted_ms else 0.0
 

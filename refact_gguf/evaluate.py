@@ -118,8 +118,7 @@ def _score(path: Path, ref_lp: np.ndarray, chunks: np.ndarray, tasks: list[FimTa
     kls, agree, ces, exact = [], [], [], 0
     with Runtime(path, n_ctx=_score_ctx(chunk), threads=threads) as rt:
         for i, row in enumerate(chunks):
-            rt.ctx.reset()
-            lp = _log_softmax(rt.ctx.eval(row.tolist(), all_logits=True))
+            lp = _log_softmax(rt.logits_of(row.tolist()))
             p_ref = ref_lp[i].astype(np.float64)
             kls.append((np.exp(p_ref) * (p_ref - lp)).sum(-1).mean())
             # Agreement: the model's top token is a top token of the reference. The reference is kept
@@ -128,8 +127,6 @@ def _score(path: Path, ref_lp: np.ndarray, chunks: np.ndarray, tasks: list[FimTa
             agree.append((picked >= p_ref.max(-1)).mean())
             ces.append(-lp[pos, row[1:]].mean())
             progress.advance()
-        rt.ctx.reset()
-        rt.slot.clear()  # the chunks went through the context directly, not the slot
         for task in tasks:
             exact += rt.fim(task.prefix, task.suffix, max_tokens=48, multiline=False).text.strip() == task.expected
             progress.advance()

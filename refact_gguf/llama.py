@@ -21,6 +21,7 @@ import numpy as np
 from . import catalog
 from .errors import InputError, LlamaError, ModelFileError
 from .loader import load_model
+from .tasks import Sampling
 
 
 class TokenCache:
@@ -103,6 +104,10 @@ class Model:
     def detokenize(self, tokens: list[int], special: bool = False) -> str:
         return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", errors="replace")
 
+    def is_eog(self, token: int) -> bool:
+        """An end of generation (end of text, and the like), not just any control token."""
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(4096)
         n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
@@ -121,6 +126,44 @@ class Model:
 
     def __del__(self) -> None:
         self.close()
+
+
+class Sampler:
+    """llama.cpp's sampler chain for one `Sampling` (top-k, top-p, temperature, then a seeded draw),
+    kept for the next task that asks the same and reset, not rebuilt."""
+
+    def __init__(self, sampling: Sampling):
+        self.sampling = sampling
+        self.ptr = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        for stage in (llama_cpp.llama_sampler_init_top_k(sampling.top_k),
+                      llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1),
+                      llama_cpp.llama_sampler_init_temp(sampling.temperature),
+                      llama_cpp.llama_sampler_init_dist(sampling.seed)):
+            llama_cpp.llama_sampler_chain_add(self.ptr, stage)
+
+    def reset(self) -> None:
+        llama_cpp.llama_sampler_reset(self.ptr)
+
+    def sample(self, ctx: Context, row: int) -> int:
+        """A token from the logits of batch row `row` of the last decode."""
+        return llama_cpp.llama_sampler_sample(self.ptr, ctx.ptr, row)
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def llama_version() -> str:
+    """The llama.cpp binding's version (part of a saved state's fingerprint)."""
+    return llama_cpp.__version__
+
+
+def supports_gpu_offload() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
 
 
 class Batch:

@@ -33,9 +33,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 
+from .llama import llama_version
 from .runtime import common_prefix
 from .userdirs import cache_root
 
@@ -62,7 +62,7 @@ def model_fingerprint(path: Path) -> str:
     metadata) read by this llama.cpp, whose state format may change between versions. `bind`
     adds the context's layout."""
     st = path.stat()
-    h = hashlib.sha256(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\0{llama_cpp.__version__}".encode())
+    h = hashlib.sha256(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\0{llama_version()}".encode())
     with open(path, "rb") as f:
         h.update(f.read(1 << 20))
     return h.hexdigest()

@@ -12,13 +12,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import llama_cpp
 import numpy as np
 
 from . import catalog, tasks
 from .cores import FreeCores
 from .errors import InputError
-from .llama import Context, Model
+from .llama import Context, Model, Sampler
 from .tasks import Completion, Sampling, Task
 
 OnText = Callable[[str], None]
@@ -77,8 +76,7 @@ class Slot:
         self.last_used = 0.0
         self.edits = 0  # changes to the cache, counted: a save records the count it saw
         self.saved_edits = 0
-        self._sampler = None
-        self._sampling: Sampling | None = None
+        self._sampler: Sampler | None = None
         # The task under way (set by `start`, cleared by `finish` and `release`).
         self.task: Task | None = None
         self.on_text: OnText | None = None
@@ -134,7 +132,7 @@ class Slot:
 
     def close(self) -> None:
         if self._sampler is not None:
-            llama_cpp.llama_sampler_free(self._sampler)
+            self._sampler.close()
             self._sampler = None
 
     # ------------------------------------------------------------------ a task's life
@@ -160,7 +158,11 @@ class Slot:
         self.stops = self.model.stop_tokens | task.stop_ids
         self.greedy = task.sampling.greedy
         if not self.greedy:
-            self._sampler_for(task.sampling)
+            if self._sampler is not None and self._sampler.sampling == task.sampling:
+                self._sampler.reset()
+            else:
+                self.close()
+                self._sampler = Sampler(task.sampling)
 
     @property
     def pos(self) -> int:
@@ -213,12 +215,12 @@ class Slot:
     def pick(self, row: int) -> int:
         """A token from the logits of batch row `row` (sampled requests; greedy ones are picked
         by the driver, an argmax over all rows at once)."""
-        return llama_cpp.llama_sampler_sample(self._sampler, self.ctx.ptr, row)
+        return self._sampler.sample(self.ctx, row)
 
     def accept(self, token: int) -> Completion | None:
         """Take a generated token; the Completion when the task is finished."""
         if token in self.stops:
-            return self.finish("eos" if llama_cpp.llama_vocab_is_eog(self.model.vocab, token) else "special")
+            return self.finish("eos" if self.model.is_eog(token) else "special")
         self.n_predicted += 1
         rules = self.task.rules
         stopped = rules.feed(self.decoder.decode(self.model.piece(token)))
@@ -256,18 +258,6 @@ class Slot:
             self.on_text(text[self.sent :])
             self.sent = len(text)
 
-    def _sampler_for(self, s: Sampling) -> None:
-        if self._sampler is not None and self._sampling == s:
-            llama_cpp.llama_sampler_reset(self._sampler)
-            return
-        self.close()
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(s.top_k))
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(s.temperature))
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(s.seed))
-        self._sampler, self._sampling = chain, s
-
 
 class Runtime:
     """One slot on a context, driven synchronously. Pass a path to load (and own) the model, or
@@ -302,6 +292,21 @@ class Runtime:
         editor resends the same prefix and suffix, and re-tokenizing a whole file costs more
         than the few tokens the keystroke adds."""
         return self.model.tokenize_cached(text)
+
+    def restore(self, state: bytearray | None = None, tokens: list[int] | None = None) -> None:
+        """The cache holds `tokens` again, from their saved `state`; with neither, nothing."""
+        self.slot.clear()
+        if state is not None and tokens:
+            self.ctx.seq_restore(self.slot.seq, state, len(tokens))
+            self.slot.holds(np.asarray(tokens, np.int32))
+
+    def logits_of(self, tokens: list[int]) -> np.ndarray:
+        """The logits at every position of `tokens`, evaluated from an empty cache (which then holds them)."""
+        self.slot.clear()
+        self.ctx.reset()
+        logits = self.ctx.eval(tokens, all_logits=True)
+        self.slot.holds(np.asarray(tokens, np.int32))
+        return logits
 
     def run(self, task: Task, on_text: OnText | None = None) -> Completion:
         """Prefill (reusing the cache), then generate until the task's rules or its limits end it."""

@@ -148,9 +148,9 @@ def gpu_layers(setting: str | int, model_path: Path) -> int:
             return int(setting)
         except ValueError:
             raise RefactGGUFError(f"--gpu-layers {setting!r}: give a number or 'auto'") from None
-    import llama_cpp  # only now: a quant name or `list` needs no llama.cpp
+    from .llama import supports_gpu_offload  # only now: a quant name or `list` needs no llama.cpp
 
-    if not llama_cpp.llama_supports_gpu_offload():
+    if not supports_gpu_offload():
         return 0
 
     vram = free_memory().vram_free
