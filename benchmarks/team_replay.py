@@ -193,10 +193,9 @@ def main() -> None:
         summary = replay(http_sender(url), args.typists, args.keystrokes, args.n_predict, lambda: server_counters(url), **options)
     else:
         from refact_gguf.engine import Engine
-        from refact_gguf.llama import Model
-        from refact_gguf.select import gpu_layers
+        from refact_gguf.select import open_model
 
-        with Model(args.model, gpu_layers(args.gpu_layers, args.model)) as model, \
+        with open_model(args.model, args.gpu_layers) as model, \
                 Engine(model, parallel=args.typists, threads=args.threads).start() as engine:
             summary = replay(engine_sender(engine), args.typists, args.keystrokes, args.n_predict, **options)
             summary["engine"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(engine.stats).items()}

@@ -52,10 +52,10 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
 
     import numpy as np
 
-    from .llama import Context, Model
+    from .llama import Context
     from .loader import repack_safe
     from .runtime import Runtime
-    from .select import gpu_layers as resolve_gpu_layers
+    from .select import open_model
     from .tasks import Task
 
     if not faulthandler.is_enabled():
@@ -64,9 +64,9 @@ def _bench_in_process(path: str, threads: int, gpu_layers: str | int, n_prompt: 
         except (ValueError, OSError):  # stderr without a file descriptor (e.g. captured by a test runner)
             pass
 
-    n_gpu = resolve_gpu_layers(gpu_layers, Path(path))
     t0 = time.perf_counter()
-    model = Model(Path(path), n_gpu)
+    model = open_model(Path(path), gpu_layers)
+    n_gpu = model.n_gpu_layers
     # n_batch ≥ 512: the depth is filled in big batches, as llama-bench fills it (a 16-token test
     # prompt still goes in as one batch of 16)
     ctx = Context(model, n_ctx=depth + n_prompt + n_gen, n_batch=max(n_prompt, 512), threads=threads)
@@ -224,13 +224,12 @@ def batched(path: Path, parallel: list[int], n_prompt: int = 1500, n_gen: int = 
     import numpy as np
 
     from .engine import Engine
-    from .llama import Model
-    from .select import gpu_layers as resolve_gpu_layers
+    from .select import open_model
     from .tasks import Task
 
     _check_fits(n_prompt + n_gen, f"-p {n_prompt} + --n-gen {n_gen}")
     rows = []
-    with Model(Path(path), resolve_gpu_layers(gpu_layers, Path(path))) as model:
+    with open_model(Path(path), gpu_layers) as model:
         rng = np.random.default_rng(0)
         for b in parallel:
             prompts = [rng.integers(100, model.n_vocab - 100, n_prompt).tolist() for _ in range(b)]

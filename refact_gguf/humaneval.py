@@ -230,11 +230,10 @@ def evaluate(path: Path, problems: list[Problem], kinds: tuple[str, ...] = KINDS
     """HumanEval on one GGUF: generate with an engine of `parallel` slots, then test in the sandbox
     (`test_parallel` programs at once; default: one per CPU)."""
     from .engine import Engine
-    from .llama import Model
-    from .select import gpu_layers as resolve_gpu_layers
+    from .select import open_model
 
     all_cases = cases(problems, kinds, orders)
-    with Model(Path(path), resolve_gpu_layers(gpu_layers, Path(path))) as model:
+    with open_model(Path(path), gpu_layers) as model:
         with Engine(model, n_ctx=min(4096, model.n_ctx_train), parallel=parallel, threads=threads,
                     max_queue=len(all_cases)).start() as engine:
             answers, seconds = generate(engine, all_cases, progress)

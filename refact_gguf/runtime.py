@@ -264,11 +264,11 @@ class Runtime:
     a loaded `Model` to share it."""
 
     def __init__(self, model: Path | Model, n_ctx: int = 4096, n_gpu_layers: str | int = 0, threads: int | None = None):
-        from .select import gpu_layers
+        from .select import open_model
 
         self._owns_model = not isinstance(model, Model)
         if self._owns_model:
-            model = Model(Path(model), gpu_layers(n_gpu_layers, Path(model)))
+            model = open_model(Path(model), n_gpu_layers)
         self.model = model
         self.ctx = Context(self.model, n_ctx=n_ctx, threads=threads)
         self._cores = FreeCores(self.ctx.threads) if threads is None else None  # None: as many as are free

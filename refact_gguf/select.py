@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
@@ -12,6 +13,9 @@ from . import catalog
 from .catalog import Catalog, Quant
 from .errors import ModelFileError, RefactGGUFError
 from .userdirs import cache_root
+
+if TYPE_CHECKING:
+    from .llama import Model
 
 MIB = 1 << 20
 # Python, numpy, llama.cpp's runtime and the 49k-token vocabulary, fitted to the peak RSS of a
@@ -139,6 +143,15 @@ def synthetic_path() -> Path:
     """Where quickstart builds its synthetic model when the Hub is out of reach."""
     cat = catalog.load()
     return cache_root() / "synthetic" / cat.get("Q4_K_M").filename(cat.model)
+
+
+def open_model(path: Path, gpu_layers_setting: str | int = "auto") -> Model:
+    """The one door to a loaded model: `path` opened where it should run (`gpu_layers`). Close it,
+    or use `with`."""
+    from .llama import Model  # only now: a quant name or `list` needs no llama.cpp
+
+    path = Path(path)
+    return Model(path, gpu_layers(gpu_layers_setting, path))
 
 
 def gpu_layers(setting: str | int, model_path: Path) -> int:

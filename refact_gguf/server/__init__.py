@@ -180,15 +180,14 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8012, keys: ApiKeys |
     interrupted. Files' KV caches are kept in `cache_mb` of memory (default: from free RAM) and
     `cache_disk_mb` under `cache_dir` (default: the user's cache directory; 0 MB: none). A keys
     file behind `keys` is read again on SIGHUP."""
-    from ..llama import Model
     from ..prompt_cache import PromptCache, default_directory, default_memory_mb, model_fingerprint
-    from ..select import gpu_layers as resolve_gpu_layers
+    from ..select import open_model
 
     sock = _listen(host, port)  # before the model loads: a port in use is a one-line error at once
     cache_mb = default_memory_mb() if cache_mb is None else cache_mb
     cache = PromptCache(cache_mb << 20, model_fingerprint(model_path), cache_dir or default_directory(),
                         cache_disk_mb << 20, model_path.name) if cache_mb or cache_disk_mb else None
-    with sock, Model(model_path, resolve_gpu_layers(gpu_layers, model_path)) as model, \
+    with sock, open_model(model_path, gpu_layers) as model, \
             Engine(model, n_ctx=n_ctx, parallel=parallel, threads=threads, max_queue=limits.max_queue,
                    cache=cache).start() as engine:
         app = create_app(engine, model_path.name, keys, limits, cors_origins, log_requests)
