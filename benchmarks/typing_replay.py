@@ -44,11 +44,10 @@ def start_server(model: Path, threads: int, n_ctx: int, gpu_layers: str) -> str:
     import uvicorn
 
     from refact_gguf.engine import Engine
-    from refact_gguf.llama import Model
-    from refact_gguf.select import gpu_layers as resolve
+    from refact_gguf.select import open_model
     from refact_gguf.server import create_app
 
-    m = Model(model, resolve(gpu_layers, model))
+    m = open_model(model, gpu_layers)
     engine = Engine(m, n_ctx=n_ctx, threads=threads).start()  # warmed up, as `refact-gguf serve` does
     app = create_app(engine, model.name)
     with socket.socket() as s:
