@@ -20,9 +20,10 @@ from .tokens import EMPTY_OUTPUT_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 Tokenize = Callable[[str], list[int]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Sampling:
-    """Greedy by default (temperature 0): code completion wants the likeliest tokens."""
+    """Greedy by default (temperature 0): code completion wants the likeliest tokens. Keyword-only,
+    so a new parameter (here, in a request's schema and in llama.Sampler) shifts no caller."""
 
     temperature: float = 0.0
     top_k: int = 40

@@ -49,7 +49,7 @@ class _Generation(_Request):
     stop: list[str] = Field(default_factory=list)
 
     def sampling(self) -> Sampling:
-        return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
+        return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
 
     def limit(self, task: Task, start: float) -> Task:
         """The request's cache and time limits on `task` (its short version takes them from it)."""

@@ -45,11 +45,9 @@ class Options(_Body):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     def sampling(self, default_temperature: float) -> Sampling:
-        base = Sampling()
-        return Sampling(default_temperature if self.temperature is None else self.temperature,
-                        base.top_k if self.top_k is None else self.top_k,
-                        base.top_p if self.top_p is None else self.top_p,
-                        base.seed if self.seed is None else self.seed)
+        given = {"top_k": self.top_k, "top_p": self.top_p, "seed": self.seed}
+        return Sampling(temperature=default_temperature if self.temperature is None else self.temperature,
+                        **{name: value for name, value in given.items() if value is not None})
 
 
 class _OllamaRequest(_Request):

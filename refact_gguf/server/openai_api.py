@@ -104,7 +104,7 @@ async def completions(body: CompletionRequest, request: Request):
         raise InputError(f"{'echo' if body.echo else 'logprobs'}: not supported by this server", "leave it out")
     max_tokens = body.limit(service, 16)
     start = time.perf_counter()
-    sampling = Sampling(body.temperature, 40, body.top_p, body.seed)
+    sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
 
     def build() -> Task:
         if body.suffix is not None:
@@ -134,7 +134,7 @@ async def chat_completions(body: ChatRequest, request: Request):
         raise InputError("logprobs: not supported by this server", "leave it out")
     max_tokens = body.limit(service, min(512, service.limits.max_predict))
     messages = [m.message() for m in body.messages]
-    sampling = Sampling(body.temperature, 40, body.top_p, body.seed)
+    sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
 
     def build() -> Task:
         return tasks.chat(service.tokenize, service.engine.n_ctx, messages, max_tokens=max_tokens, sampling=sampling,
