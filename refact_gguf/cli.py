@@ -284,12 +284,9 @@ def recommend(
     refact-gguf recommend --gpu
     ```
     """
-    import json
-
-    from rich.table import Table
-
     from . import measured
     from .catalog import load
+    from .console import show
     from .hub import cached_quants
     from .select import MARGIN, fits, free_memory
     from .select import recommend as pick
@@ -299,29 +296,25 @@ def recommend(
     budget = memory.usable(gpu)
     cached = cached_quants()
     yours = {e.quant.name: measured.lookup(cached.get(e.quant.name)) for e in estimates}
-    if as_json:
-        out.print_json(json.dumps({
-            "recommended": best.name, "budget_bytes": budget, "ram_available": memory.ram_available,
-            "vram_free": memory.vram_free, "n_ctx": ctx_size,
-            "quants": [{"name": e.quant.name, "total": e.total, "weights": e.weights, "kv_cache": e.kv_cache,
-                        "compute": e.compute, "overhead": e.overhead, "fits": fits(e, memory, gpu),
-                        "humaneval_pass1": yours[e.quant.name]} for e in estimates],
-        }))
-        return
+    data = {
+        "recommended": best.name, "budget_bytes": budget, "ram_available": memory.ram_available,
+        "vram_free": memory.vram_free, "n_ctx": ctx_size,
+        "quants": [{"name": e.quant.name, "total": e.total, "weights": e.weights, "kv_cache": e.kv_cache,
+                    "compute": e.compute, "overhead": e.overhead, "fits": fits(e, memory, gpu),
+                    "humaneval_pass1": yours[e.quant.name]} for e in estimates],
+    }
     cat = load()
-    table = Table(title=f"MiB needed at --ctx {ctx_size}; usable {budget / 2**30:.2f} GiB ({MARGIN:.0%} of free {'VRAM' if gpu else 'RAM'})")
     columns = ("quant", "rank", "weights", "KV", "compute", "runtime", "total", "fits")
     if any(yours.values()):  # only once the user measured some (eval --humaneval)
         columns += ("HumanEval",)
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("quant", "fits", "HumanEval") else "right", min_width=len(col))
-    for e in sorted(estimates, key=lambda e: e.quant.kld):
-        mark = "[bold green]best[/]" if e.quant == best else ("yes" if fits(e, memory, gpu) else "[red]no[/]")
-        cells = (e.quant.name, str(cat.quality_rank(e.quant)), *(f"{v / 2**20:.0f}" for v in
-                 (e.weights, e.kv_cache, e.compute, e.overhead, e.total)), mark, measured.summary(yours[e.quant.name]))
-        table.add_row(*cells[: len(columns)])
-    err.print(table)
-    out.print(best.name)
+    rows = [(e.quant.name, str(cat.quality_rank(e.quant)), *(f"{v / 2**20:.0f}" for v in
+             (e.weights, e.kv_cache, e.compute, e.overhead, e.total)),
+             "[bold green]best[/]" if e.quant == best else ("yes" if fits(e, memory, gpu) else "[red]no[/]"),
+             measured.summary(yours[e.quant.name])) for e in sorted(estimates, key=lambda e: e.quant.kld)]
+    show(data, as_json, f"MiB needed at --ctx {ctx_size}; usable {budget / 2**30:.2f} GiB ({MARGIN:.0%} of free {'VRAM' if gpu else 'RAM'})",
+         columns, rows, left=("fits", "HumanEval"), stream=err)
+    if not as_json:
+        out.print(best.name)
 
 
 @app.command()
@@ -495,11 +488,8 @@ def bench(
     refact-gguf bench -m model.gguf --gpu-layers 99 --parallel 1,8,32 -p 1500 --n-gen 16
     ```
     """
-    import json
-
-    from rich.table import Table
-
     from .bench import bench as run_bench
+    from .console import show
 
     llama_output(verbose)
     if parallel is not None:
@@ -510,15 +500,10 @@ def bench(
         except ValueError:
             raise typer.BadParameter(f"{parallel!r}: give numbers, e.g. 1,8,32", param_hint="--parallel") from None
         rows = batched(_models(model, quant, directory)[0], sizes, n_prompt, n_gen, threads, gpu_layers)
-        if as_json:
-            out.print_json(json.dumps([r.as_dict() for r in rows]))
-            return
-        table = Table(title=f"batched: {n_prompt} prompt + {n_gen} generated tokens per sequence")
-        for col in ("B", "prompt s", "pp t/s", "gen s", "tg t/s", "generated"):
-            table.add_column(col, justify="right")
-        for r in rows:
-            table.add_row(str(r.parallel), f"{r.prompt_s:.3f}", f"{r.pp_tps:.1f}", f"{r.gen_s:.3f}", f"{r.tg_tps:.1f}", str(r.generated))
-        out.print(table)
+        show([r.as_dict() for r in rows], as_json, f"batched: {n_prompt} prompt + {n_gen} generated tokens per sequence",
+             ("B", "prompt s", "pp t/s", "gen s", "tg t/s", "generated"),
+             [(str(r.parallel), f"{r.prompt_s:.3f}", f"{r.pp_tps:.1f}", f"{r.gen_s:.3f}", f"{r.tg_tps:.1f}", str(r.generated))
+              for r in rows])
         return
     results = []
     paths = _models(model, quant, directory)
@@ -526,17 +511,13 @@ def bench(
         err.print(f"[dim]bench {escape(path.name)}…[/]")
         # Several models: each in a fresh process, so load time and peak RSS are its own.
         results.append(run_bench(path, threads, gpu_layers, n_prompt, n_gen, reps, isolate=len(paths) > 1, depth=depth))
-    if as_json:
-        out.print_json(json.dumps([r.as_dict() for r in results]))
-        return
     r0 = results[0]
-    table = Table(title=f"pp{n_prompt} / tg{n_gen}{f' @ depth {depth}' if depth else ''}, {reps} reps, {r0.threads} threads, repack {'on' if r0.repack else 'off'}")
-    for col in ("model", "GiB", "GPU layers", "load s", f"pp{n_prompt} t/s", f"tg{n_gen} t/s", "gen t/s", "peak RSS MB"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for r in results:
-        table.add_row(r.model.removesuffix(".gguf"), f"{r.size_bytes / 2**30:.2f}", str(r.gpu_layers), f"{r.load_s:.2f}",
-                      f"{r.pp_tps:.1f} ± {r.pp_std:.1f}", f"{r.tg_tps:.2f} ± {r.tg_std:.2f}", f"{r.gen_tps:.2f} ± {r.gen_std:.2f}", f"{r.peak_rss_mb:.0f}")
-    out.print(table)
+    show([r.as_dict() for r in results], as_json,
+         f"pp{n_prompt} / tg{n_gen}{f' @ depth {depth}' if depth else ''}, {reps} reps, {r0.threads} threads, repack {'on' if r0.repack else 'off'}",
+         ("model", "GiB", "GPU layers", "load s", f"pp{n_prompt} t/s", f"tg{n_gen} t/s", "gen t/s", "peak RSS MB"),
+         [(r.model.removesuffix(".gguf"), f"{r.size_bytes / 2**30:.2f}", str(r.gpu_layers), f"{r.load_s:.2f}",
+           f"{r.pp_tps:.1f} ± {r.pp_std:.1f}", f"{r.tg_tps:.2f} ± {r.tg_std:.2f}", f"{r.gen_tps:.2f} ± {r.gen_std:.2f}",
+           f"{r.peak_rss_mb:.0f}") for r in results])
 
 
 @app.command("eval")
@@ -573,24 +554,22 @@ def evaluate(
     ```
     HumanEval's figures are also kept per file, for `list` and `recommend` to show.
     """
-    import json
-
-    from rich.table import Table
-
     from .evaluate import evaluate as run_eval
+    from .console import show
 
     llama_output(verbose)
     paths = _models(model, None if model else quant, directory)
     if humaneval:
-        from .console import humaneval_table
         from .humaneval import run
 
         scores = run(paths, problems_file, problems, _choices(kinds, ("complete", "line", "block"), "--kinds"),
                      _choices(fim_order, ("spm", "psm"), "--fim-order"), parallel, threads, gpu_layers, samples, RichProgress())
-        if as_json:
-            out.print_json(json.dumps([s.as_dict() for s in scores]))
-        else:
-            out.print(humaneval_table(scores))
+        show([s.as_dict() for s in scores], as_json, "HumanEval, greedy, through the server's own task builders and stop rules",
+             ("model", "task set", "FIM", "n", "pass@1", "exact", "tokens", "s/task", "stopped by"),
+             [(s.model.removesuffix(".gguf"), s.kind, s.order or "—", str(s.tasks), f"{s.pass1:.1%}",
+               "—" if s.exact is None else f"{s.exact:.1%}", f"{s.mean_tokens:.1f}", f"{s.s_per_task:.2f}",
+               ", ".join(f"{k} {v}" for k, v in list(s.stops.items())[:3])) for s in scores],
+             left=("task set", "FIM", "stopped by"))
         return
     if reference is None:
         base = directory or Path(".")
@@ -598,15 +577,10 @@ def evaluate(
         if reference is None:
             raise RefactGGUFError(f"no Refact-1_6B-fim.F32.gguf or .F16.gguf in {base}", "pass --reference, or convert with --outtype f32")
     results = run_eval(reference, paths, corpus, chunks, n_fim=fim_tasks, threads=threads, progress=RichProgress())
-    if as_json:
-        out.print_json(json.dumps([r.as_dict() for r in results]))
-        return
-    table = Table(title=f"quality vs {reference.name} ({results[0].n_tokens if results else 0} tokens, {fim_tasks} FIM tasks)")
-    for col in ("model", "mean KL", "top-1 agree", "Δ CE nats", "FIM exact"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for r in results:
-        table.add_row(r.model, f"{r.mean_kl:.5f}", f"{r.top1_agreement:.1%}", f"{r.delta_ce:+.4f}", f"{r.fim_exact:.0%}")
-    out.print(table)
+    show([r.as_dict() for r in results], as_json,
+         f"quality vs {reference.name} ({results[0].n_tokens if results else 0} tokens, {fim_tasks} FIM tasks)",
+         ("model", "mean KL", "top-1 agree", "Δ CE nats", "FIM exact"),
+         [(r.model, f"{r.mean_kl:.5f}", f"{r.top1_agreement:.1%}", f"{r.delta_ce:+.4f}", f"{r.fim_exact:.0%}") for r in results])
 
 
 def _choices(value: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
@@ -678,12 +652,9 @@ def list_quants(
     refact-gguf list --json --ctx 2048
     ```
     """
-    import json
-
-    from rich.table import Table
-
     from . import measured
     from .catalog import load
+    from .console import show
     from .hub import cached_quants
     from .loader import inspect
     from .select import estimate, fits, free_memory
@@ -699,23 +670,16 @@ def list_quants(
             "fidelity": inspect(cached[q.name]).fidelity if q.name in cached else None,
             "humaneval_pass1": measured.lookup(cached.get(q.name)),
         })
-    if as_json:
-        out.print_json(json.dumps(rows))
-        return
     from rich.text import Text
 
-    table = Table(title=f"{cat.model.name} quants ({cat.model.gguf_repo})")
     columns = ("name", "size", "bits/w", "quality", "needs", "fits", "pulled", "fidelity")
     if any(r["humaneval_pass1"] for r in rows):  # only once the user measured some (eval --humaneval)
         columns += ("HumanEval",)
-    for col in columns:
-        table.add_column(col, justify="right" if col in ("size", "bits/w", "quality", "needs") else "left", min_width=len(col))
-    for r in rows:
-        cells = (r["name"], f"{r['size_gib']:.2f} GiB", f"{r['bpw']:.2f}", str(r["quality_rank"]), f"{r['needs_gib']:.2f} GiB",
-                 Text("yes", style="green") if r["fits"] else Text("no", style="red"), r["path"] or "—",
-                 r["fidelity"] or "—", measured.summary(r["humaneval_pass1"]))
-        table.add_row(*cells[: len(columns)])
-    out.print(table)
+    show(rows, as_json, f"{cat.model.name} quants ({cat.model.gguf_repo})", columns,
+         [(r["name"], f"{r['size_gib']:.2f} GiB", f"{r['bpw']:.2f}", str(r["quality_rank"]), f"{r['needs_gib']:.2f} GiB",
+           Text("yes", style="green") if r["fits"] else Text("no", style="red"), r["path"] or "—",
+           r["fidelity"] or "—", measured.summary(r["humaneval_pass1"])) for r in rows],
+         left=("fits", "pulled", "fidelity", "HumanEval"))
 
 
 @app.command()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from typing import Collection, Iterable, Sequence
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -94,15 +96,19 @@ def server_log(requests: bool) -> None:
         logger.setLevel(level if name != "refact_gguf.requests" or requests else logging.WARNING)
 
 
-def humaneval_table(scores):
-    """`eval --humaneval`'s table: one row per model and task set."""
+def show(data, as_json: bool, title: str, columns: Sequence[str], rows: Iterable[Sequence],
+         left: Collection[str] = (), stream: Console = out) -> None:
+    """A command's result: `data` as JSON on stdout for scripts (`--json`), else a table of `rows`
+    for people (numbers right-aligned; the first column and those in `left` left-aligned). A row
+    may hold more cells than `columns`: the extra ones are left out."""
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
     from rich.table import Table
 
-    table = Table(title="HumanEval, greedy, through the server's own task builders and stop rules")
-    for col in ("model", "task set", "FIM", "n", "pass@1", "exact", "tokens", "s/task", "stopped by"):
-        table.add_column(col, justify="left" if col in ("model", "task set", "FIM", "stopped by") else "right")
-    for s in scores:
-        stops = ", ".join(f"{k} {v}" for k, v in list(s.stops.items())[:3])
-        table.add_row(s.model.removesuffix(".gguf"), s.kind, s.order or "—", str(s.tasks), f"{s.pass1:.1%}",
-                      "—" if s.exact is None else f"{s.exact:.1%}", f"{s.mean_tokens:.1f}", f"{s.s_per_task:.2f}", stops)
-    return table
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 or col in left else "right", min_width=len(col))
+    for row in rows:
+        table.add_row(*row[: len(columns)])
+    stream.print(table)
