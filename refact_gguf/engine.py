@@ -38,8 +38,9 @@ from . import layout
 from .cores import FreeCores
 from .errors import BusyError, InputError, RefactGGUFError
 from .llama import Context, Model
+from .layout import REUSE_CHUNK, common_prefix
 from .prompt_cache import PromptCache
-from .runtime import REUSE_CHUNK, OnText, Slot, common_prefix
+from .runtime import OnText, Slot
 from .tasks import Completion, Task
 
 

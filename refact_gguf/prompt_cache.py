@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .llama import llama_version
-from .runtime import common_prefix
+from .layout import common_prefix
 from .userdirs import cache_root
 
 MAGIC = b"RGGUFKV1"

@@ -17,50 +17,11 @@ import numpy as np
 from . import catalog, tasks
 from .cores import FreeCores
 from .errors import InputError
+from .layout import REUSE_CHUNK, common_prefix, reuse_plan
 from .llama import Context, Model, Sampler
 from .tasks import Completion, Sampling, Task
 
 OnText = Callable[[str], None]
-REUSE_CHUNK = 64  # shortest run of cached tokens worth shifting rather than re-evaluating
-
-
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """How many leading ids two arrays share (vectorised: slots compare 1,500-token prompts)."""
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if diff.size else n
-
-
-def reuse_plan(cached: np.ndarray, prompt: np.ndarray) -> tuple[int, list[tuple[int, int, int]]]:
-    """What a cache holding `cached` can keep of `prompt`: the count, and the runs to shift
-    (source position, destination, length), in order.
-
-    First the longest common prefix. Then llama-server's --cache-reuse: where text was removed
-    (an editor's extra-context chunk dropped, lines deleted, the head of a long file cut as it
-    grows), every later run of at least `REUSE_CHUNK` cached tokens that continues the prompt is
-    shifted back into place instead of being evaluated again. The shift is exact for Refact's
-    ALiBi positions; the shifted keys and values still reflect the removed text, as in
-    llama-server. (Text *inserted* before cached tokens cannot reuse them: llama.cpp decodes only
-    after the last cached position.) The prompt's last token is always evaluated, for its logits.
-    """
-    last = len(prompt) - 1
-    head = min(common_prefix(cached, prompt), last)
-    src, end = head, len(cached)
-    moves = []
-    if end - src >= REUSE_CHUNK and head < last:
-        old, new = cached.tolist(), prompt.tolist()
-        while src < end and head < last and end - src >= REUSE_CHUNK:
-            n = 0
-            while src + n < end and head + n < last and old[src + n] == new[head + n]:
-                n += 1
-            if n >= REUSE_CHUNK:
-                moves.append((src, head, n))
-                head, src = head + n, src + n
-            else:
-                src += 1
-    return head, moves
-
-
 class Slot:
     """One sequence of a context: the ids its KV cache holds, and the task it runs.
 
