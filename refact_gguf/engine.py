@@ -497,7 +497,7 @@ class Engine:
         # finish whole files under back-to-back typing), ~1 s of prompt of a step nobody waits on.
         rows = layout.plan(self._layout_view(), layout.Room(
             batch.capacity, ctx.n_ubatch, self.full_batches,
-            ctx.n_ubatch if people else max(32, int((self.prompt_rate or 0) * BACKGROUND_STEP_S)), len(self.slots)))
+            ctx.n_ubatch if people else max(32, int((self.prompt_rate or 0) * BACKGROUND_STEP_S))))
         batch.clear()
         answers: list[tuple[Slot, int, int]] = []  # (slot, logits row, batch row) of each answering row
         n_outputs = 0

@@ -47,9 +47,6 @@ class Room:
     n_ubatch: int
     every_row: bool  # a row for every sequence and every row an output (GPU: one graph, step after step)
     background: int  # tokens all background prompts together may take in this step (their share)
-    people: int | None = None  # with every_row: the first this many sequences (people's slots) always
-    # have a row; those after them (scratch sequences for short answers, idle nearly always) only up
-    # to the last busy one: a row each would cost every step an output and a stream of attention
 
 
 @dataclass(frozen=True)
@@ -66,10 +63,7 @@ def plan(sequences: list[Sequence], room: Room) -> list[Row]:
     busy = [s for s in sequences if s.busy]
     if not busy:
         return []
-    if room.every_row:
-        lo, hi = 0, max((room.people or len(sequences)) - 1, max(s.seq for s in busy))
-    else:
-        lo, hi = min(s.seq for s in busy), max(s.seq for s in busy)
+    lo, hi = (0, len(sequences) - 1) if room.every_row else (min(s.seq for s in busy), max(s.seq for s in busy))
     left, share = room.capacity - (hi - lo + 1), room.background
     chunk: dict[int, int] = {}
     for s in sorted((s for s in busy if not s.generating), key=lambda s: s.rank):

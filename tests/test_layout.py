@@ -41,14 +41,6 @@ def test_on_a_gpu_every_sequence_has_a_row_and_every_row_an_output():
         assert [r.seq for r in rows if r.answer] == sorted(busy)
 
 
-def test_on_a_gpu_idle_scratch_sequences_after_the_people_get_no_row():
-    seqs = [Sequence(i, generating=i == 1) for i in range(12)]  # 8 people's slots, 4 scratch sequences
-    room = Room(512, 512, True, 128, people=8)
-    assert [r.seq for r in plan(seqs, room)] == list(range(8))
-    seqs[9] = Sequence(9, generating=True)  # a short answer on the second scratch sequence
-    assert [r.seq for r in plan(seqs, room)] == list(range(10))
-
-
 def test_a_full_cache_gets_no_filler():
     seqs = with_(idle(3), a=Sequence(0, generating=True), b=Sequence(1, full=True), c=Sequence(2, generating=True))
     assert [r.seq for r in plan(seqs, CPU)] == [0, 2]
