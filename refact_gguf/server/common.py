@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from fastapi import Request
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from .. import catalog, tasks
 from ..engine import Engine, Handle
+from ..llama import Model
 from ..errors import BusyError, InputError, RefactGGUFError
 from ..tasks import Completion, Task
 
@@ -37,6 +39,32 @@ class Service:
     limits: Limits
     fidelity: str = "unknown"  # faithful-converted | faithful-repaired | as-published (loader.GGUFInfo)
 
+    # What routes know of the model and the engine: these facts, not walks through them.
+    @property
+    def n_ctx(self) -> int:
+        return self.engine.n_ctx
+
+    @property
+    def vocab(self) -> Model:
+        """For tokenizing and detokenizing (its tokenize, piece, detokenize and n_vocab)."""
+        return self.engine.model
+
+    @property
+    def model_path(self) -> Path:
+        return self.engine.model.path
+
+    @property
+    def n_params(self) -> int:
+        return self.engine.model.n_params
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.engine.model.n_gpu_layers > 0
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.engine.slots)
+
     def tokenize(self, text: str) -> list[int]:
         return self.engine.model.tokenize_cached(text)
 
@@ -55,6 +83,15 @@ class Service:
     def tokenize_special(self, text: str) -> list[int]:
         """Special tokens parsed: for prompts a client laid out itself (its own FIM markers)."""
         return self.engine.model.tokenize(text, special=True)
+
+    def complete(self, text: str, markers: bool = False, **options) -> Task:
+        """tasks.complete for this engine; `markers`: Refact's FIM markers in `text` are the special
+        tokens (a prompt the client laid out itself)."""
+        return tasks.complete(self.tokenize, self.n_ctx, text, specials=self.tokenize_special if markers else None, **options)
+
+    def chat(self, messages, **options) -> Task:
+        """tasks.chat for this engine."""
+        return tasks.chat(self.tokenize, self.n_ctx, messages, **options)
 
 
 def _valid_text(value):

@@ -146,14 +146,14 @@ async def completion(body: CompletionRequest, request: Request):
 
     def build() -> Task:
         if isinstance(body.prompt, list):
-            bad = [t for t in body.prompt if not 0 <= t < service.engine.model.n_vocab]
+            bad = [t for t in body.prompt if not 0 <= t < service.vocab.n_vocab]
             if bad:
-                raise InputError(f"prompt: token id {bad[0]} is not in the vocabulary of {service.engine.model.n_vocab}")
-            if len(body.prompt) >= service.engine.n_ctx:
-                raise InputError(f"the prompt has {len(body.prompt)} tokens; the context holds {service.engine.n_ctx}")
+                raise InputError(f"prompt: token id {bad[0]} is not in the vocabulary of {service.vocab.n_vocab}")
+            if len(body.prompt) >= service.n_ctx:
+                raise InputError(f"the prompt has {len(body.prompt)} tokens; the context holds {service.n_ctx}")
             task = Task(list(body.prompt), n_predict, body.sampling(), StopRules(tuple(body.stop)))
         else:
-            task = tasks.complete(service.tokenize_special, service.engine.n_ctx, body.prompt, max_tokens=n_predict,
+            task = tasks.complete(service.tokenize_special, service.n_ctx, body.prompt, max_tokens=n_predict,
                                   sampling=body.sampling(), stop=tuple(body.stop))
         return body.limit(task, start)
 
@@ -165,7 +165,7 @@ async def completion(body: CompletionRequest, request: Request):
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request):
-    model = request.app.state.service.engine.model
+    model = request.app.state.service.vocab
 
     def run():  # off the event loop: every other route, /health included, goes on meanwhile
         ids = model.tokenize(body.content, body.parse_special)
@@ -178,7 +178,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request):
-    model = request.app.state.service.engine.model
+    model = request.app.state.service.vocab
     if any(not 0 <= t < model.n_vocab for t in body.tokens):
         raise InputError(f"tokens: ids must be in [0, {model.n_vocab})")
     return {"content": await asyncio.to_thread(model.detokenize, body.tokens, True)}
@@ -187,11 +187,10 @@ async def detokenize(body: DetokenizeRequest, request: Request):
 @router.get("/props")
 async def props(request: Request):
     service: Service = request.app.state.service
-    engine = service.engine
     return {
-        "default_generation_settings": {"n_ctx": engine.n_ctx, "model": service.model_name,
+        "default_generation_settings": {"n_ctx": service.n_ctx, "model": service.model_name,
                                         "params": {"n_predict": -1, "temperature": 0.0, "top_k": 40, "top_p": 0.95}},
-        "total_slots": len(engine.slots), "model_path": str(engine.model.path), "chat_template": CHAT_TEMPLATE,
+        "total_slots": service.n_slots, "model_path": str(service.model_path), "chat_template": CHAT_TEMPLATE,
         "build_info": f"refact-gguf {__version__}", "fidelity": service.fidelity,
     }
 

@@ -18,7 +18,6 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import Field
 
-from .. import tasks
 from ..chat import Message
 from ..tasks import Completion, Sampling, Task
 from .common import _Request, Service, _Body, complete, predict_limit, stream
@@ -102,8 +101,7 @@ def _model_facts(path: Path, n_ctx: int, n_params: int) -> dict[str, Any]:
 
 
 def _facts(service: Service) -> dict[str, Any]:
-    model = service.engine.model
-    return _model_facts(model.path, service.engine.n_ctx, model.n_params)
+    return _model_facts(service.model_path, service.n_ctx, service.n_params)
 
 
 def _now() -> str:
@@ -139,10 +137,9 @@ async def tags(request: Request):
 async def ps(request: Request):
     service: Service = request.app.state.service
     facts = _facts(service)
-    on_gpu = service.engine.model.n_gpu_layers > 0
     return {"models": [{"name": service.model_name, "model": service.model_name, "size": facts["size"],
                         "digest": facts["digest"], "details": facts["details"], "expires_at": "2100-01-01T00:00:00Z",
-                        "size_vram": facts["size"] if on_gpu else 0, "context_length": facts["context_length"]}]}
+                        "size_vram": facts["size"] if service.on_gpu else 0, "context_length": facts["context_length"]}]}
 
 
 @router.post("/api/show")
@@ -150,7 +147,7 @@ async def show(body: ShowRequest, request: Request):
     service: Service = request.app.state.service
     facts = _facts(service)
     return {
-        "modelfile": f"FROM {service.engine.model.path}\nTEMPLATE \"\"\"{TEMPLATE}\"\"\"\n",
+        "modelfile": f"FROM {service.model_path}\nTEMPLATE \"\"\"{TEMPLATE}\"\"\"\n",
         # Continue reads num_ctx from here, a `key value` line each
         "parameters": f"num_ctx {facts['context_length']}", "template": TEMPLATE, "details": facts["details"], "modified_at": facts["modified_at"],
         "model_info": {"general.architecture": "refact", "general.parameter_count": facts["parameter_count"],
@@ -175,8 +172,7 @@ async def generate(body: GenerateRequest, request: Request):
     def build() -> Task:
         if code:  # the prompt and suffix are code: FIM markers inside them stay text
             return service.fim(text, body.suffix, start, max_tokens=max_tokens, sampling=sampling, stop=options.stops())
-        return tasks.complete(service.tokenize, service.engine.n_ctx, text, max_tokens=max_tokens, sampling=sampling,
-                              stop=options.stops(), specials=service.tokenize_special if body.raw else None)
+        return service.complete(text, markers=body.raw, max_tokens=max_tokens, sampling=sampling, stop=options.stops())
 
     model = body.model or service.model_name
     if body.stream:
@@ -198,8 +194,7 @@ async def chat(body: ChatRequest, request: Request):
     messages = [Message(m.role, m.content) for m in body.messages]
 
     def build() -> Task:
-        return tasks.chat(service.tokenize, service.engine.n_ctx, messages, max_tokens=max_tokens, sampling=sampling,
-                          stop=body.options.stops())
+        return service.chat(messages, max_tokens=max_tokens, sampling=sampling, stop=body.options.stops())
 
     if body.stream:
         return await stream(

@@ -10,7 +10,6 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import Field
 
-from .. import tasks
 from ..chat import Message
 from ..errors import InputError
 from ..tasks import Completion, Sampling, Task
@@ -109,8 +108,7 @@ async def completions(body: CompletionRequest, request: Request):
     def build() -> Task:
         if body.suffix is not None:
             return service.fim(text, body.suffix, start, max_tokens=max_tokens, sampling=sampling, stop=body.stops())
-        return tasks.complete(service.tokenize, service.engine.n_ctx, text, max_tokens=max_tokens, sampling=sampling,
-                              stop=body.stops(), specials=service.tokenize_special)
+        return service.complete(text, markers=True, max_tokens=max_tokens, sampling=sampling, stop=body.stops())
 
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
@@ -137,8 +135,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
 
     def build() -> Task:
-        return tasks.chat(service.tokenize, service.engine.n_ctx, messages, max_tokens=max_tokens, sampling=sampling,
-                          stop=body.stops())
+        return service.chat(messages, max_tokens=max_tokens, sampling=sampling, stop=body.stops())
 
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
