@@ -20,7 +20,6 @@ import pty
 import re
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from replicas import free_port  # benchmarks/ is on the path: this runs as a script
 
 SOURCE = '''import os
 
@@ -44,12 +45,6 @@ def list_python_files(root):
 def count_lines(path):
 '''
 TYPED = "    with open(path) as f"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def drain(fd: int, seconds: float) -> bytes:
