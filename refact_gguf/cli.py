@@ -376,6 +376,7 @@ def serve(
     log_requests: Annotated[bool, typer.Option("--log-requests", metavar="", help="A line per request on stderr: time, route, status, client, ms, tokens evaluated/cached/generated, short or full context (never a key or code).")] = False,
     prompt_budget_ms: Annotated[int, typer.Option("--prompt-budget-ms", min=0, help="A file too little of which is cached to evaluate in this time gets a first answer from the lines around the cursor, its full prompt evaluated in the background (for /infill clients that send no t_max_prompt_ms, and FIM through /v1/completions and /api/generate; 0: always wait for the full prompt).")] = 1000,
     fim_context: Annotated[Optional[int], typer.Option("--fim-context", min=256, help="Tokens of a fill-in-the-middle prompt with its answer: the lines nearest the cursor that fit. Default: the model's, as Refact's own service sends it (2,048); up to --ctx keeps more of a long file, at the cost of attention over it on every keystroke.")] = None,
+    draft: Annotated[int, typer.Option("--draft", min=0, max=16, help="Draft this many tokens a step from the request's own context (the code after the cursor, the file) and keep those greedy decoding picks too: the same text in fewer passes when one greedy request runs. 0 (default): off, until measured to pay here (docs/benchmarks.md).")] = 0,
     ctx_size: CtxSize = 4096,
     gpu_layers: GpuLayers = "auto",
     threads: Threads = None,
@@ -418,7 +419,7 @@ def serve(
         path, host=host, port=port, keys=keys, parallel=parallel, n_ctx=ctx_size, threads=threads,
         gpu_layers=gpu_layers, limits=Limits(max_predict=max_predict, max_queue=queue, prompt_budget_ms=prompt_budget_ms,
                                                       **({"fim_context": fim_context} if fim_context else {})), cors_origins=cors_origin,
-        cache_mb=cache_mb, cache_disk_mb=cache_disk_mb, cache_dir=cache_dir, log_requests=log_requests,
+        cache_mb=cache_mb, cache_disk_mb=cache_disk_mb, cache_dir=cache_dir, log_requests=log_requests, draft=draft,
         on_ready=lambda url: err.print(f"serving {escape(path.name)} on [bold]{url}[/] ({parallel} slot(s)); Ctrl-C stops\n"
                                        f"  {escape(inspect(path).fidelity_note)}", soft_wrap=True),
     )

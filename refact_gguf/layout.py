@@ -129,3 +129,18 @@ def reuse_plan(cached: np.ndarray, prompt: np.ndarray) -> tuple[int, list[tuple[
             else:
                 src += 1
     return head, moves
+
+
+# ---------------------------------------------------------------------------------- drafts
+
+def draft(history: np.ndarray, k: int, longest: int = 4, shortest: int = 2) -> np.ndarray:
+    """Up to `k` ids that followed the latest earlier occurrence of the history's last n ids, the
+    longest n from `longest` down to `shortest` that occurs (prompt lookup: a FIM prompt holds the
+    code after the cursor and the rest of the file, which what is typed often repeats); [] if none."""
+    for n in range(min(longest, len(history) - 1), shortest - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(history[:-1], n)  # every earlier run of n, not the tail itself
+        hits = np.flatnonzero((windows == history[-n:]).all(axis=1))
+        if hits.size:
+            start = hits[-1] + n
+            return history[start : start + k]
+    return history[:0]

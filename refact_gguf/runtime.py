@@ -51,6 +51,8 @@ class Slot:
         self.n_predicted = 0
         self.sent = 0  # characters of text handed to on_text
         self.next_token: int | None = None  # the last token picked, decoded next
+        self.drafted = 0  # tokens drafted for this task (Engine(draft=…)), and of those kept
+        self.kept = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops: frozenset[int] = frozenset()
         self.greedy = True
@@ -113,6 +115,7 @@ class Slot:
         self.prompt_len = len(prompt)
         self.max_tokens = max(0, min(task.max_tokens, self.ctx.n_ctx - len(prompt)))
         self.n_predicted, self.sent = 0, 0
+        self.drafted = self.kept = 0
         self.next_token: int | None = None
         self.t_prompt = None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -208,7 +211,7 @@ class Slot:
         done = Completion(
             text, rules.stopped or reason, self.prompt_len, self.reused, self.evaluated, self.n_predicted,
             (self.t_prompt - self.t_start) * 1e3, (now - self.t_prompt) * 1e3, task.truncated, list(task.notes),
-            task.short_context,
+            task.short_context, self.drafted, self.kept,
         )
         self.task = self.on_text = None
         self.last_used = now

@@ -48,6 +48,8 @@ class Completion:
     truncated: bool = False
     notes: list[str] = field(default_factory=list)
     short_context: bool = False  # answered from the lines around the cursor, the full prompt being late
+    draft_n: int = 0  # tokens drafted from the request's own context
+    draft_accepted: int = 0  # of those, kept (what greedy decoding picked too)
 
 
 # ---------------------------------------------------------------------------------- stop rules

@@ -188,3 +188,33 @@ def test_a_consumer_that_fails_stops_its_task_not_the_engine(model, prompts, exp
         gone = engine.submit(Task(list(prompts[0]), 12), on_text=broken, on_done=lambda h: 1 / 0)
         assert gone.wait(30).stop_reason in ("cancelled", "max_tokens", "eos", "special")
         assert engine.run(Task(list(prompts[1]), 12)).text == expected[1]  # the engine thread lives on
+
+
+def test_drafted_tokens_leave_the_greedy_text_as_it_is(model, sample_tokens, monkeypatch):
+    """--draft: drafted tokens are verified in one decode and only those greedy decoding picks are
+    kept, the rest trimmed from the cache. Random weights repeat nothing for a prompt lookup to
+    find, so the drafts here come from an oracle that knows the greedy tokens and gets the third
+    of every three wrong: each step keeps two and throws one away."""
+    from refact_gguf import layout
+
+    prompt = sample_tokens[:60]
+    with Engine(model, n_ctx=N_CTX, threads=2) as plain:
+        expected = drive(plain, [plain.submit(Task(list(prompt), 24))])[0]
+        slot = plain.slots[0]
+        greedy = slot.cached[len(prompt) : slot.n_cached].tolist()  # what it generated, in order
+        plain_steps = plain.stats.steps
+
+    def oracle(history, k):
+        j = len(history) - len(prompt)  # the next generated token's index
+        right = greedy[j : j + 2]
+        return np.array(right + [(greedy[j + 2] + 1) % 1000 + 100] if j + 2 < len(greedy) else right, np.int32)[:k]
+
+    monkeypatch.setattr(layout, "draft", oracle)
+    with Engine(model, n_ctx=N_CTX, threads=2, draft=4) as drafting:
+        got = drive(drafting, [drafting.submit(Task(list(prompt), 24))])[0]
+        again = drive(drafting, [drafting.submit(Task(list(prompt), 24))])[0]  # over the cache the first one left
+        stats = drafting.stats
+    assert got.text == expected.text and again.text == expected.text
+    assert got.tokens_predicted == expected.tokens_predicted and got.draft_accepted >= 10
+    assert got.draft_n - got.draft_accepted >= 5  # wrong drafts were thrown away, not kept
+    assert stats.steps < plain_steps + plain_steps // 2  # two prompts in fewer steps than 1.5 of one

@@ -175,7 +175,7 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8012, keys: ApiKeys |
           n_ctx: int = 4096, threads: int | None = None, gpu_layers: str | int = 0, limits: Limits = Limits(),
           cors_origins: list[str] | None = None, cache_mb: int | None = None, cache_disk_mb: int = 2048,
           cache_dir: Path | None = None, on_ready: Callable[[str], None] = lambda url: None,
-          log_requests: bool = False) -> None:
+          log_requests: bool = False, draft: int = 0) -> None:
     """Load the model once, start an engine of `parallel` sequences on it, and serve until
     interrupted. Files' KV caches are kept in `cache_mb` of memory (default: from free RAM) and
     `cache_disk_mb` under `cache_dir` (default: the user's cache directory; 0 MB: none). A keys
@@ -188,7 +188,7 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8012, keys: ApiKeys |
     cache = PromptCache(cache_mb << 20, model_fingerprint(model_path), cache_dir or default_directory(),
                         cache_disk_mb << 20, model_path.name) if cache_mb or cache_disk_mb else None
     with sock, open_model(model_path, gpu_layers) as model, \
-            Engine(model, n_ctx=n_ctx, parallel=parallel, threads=threads, max_queue=limits.max_queue,
+            Engine(model, n_ctx=n_ctx, parallel=parallel, threads=threads, max_queue=limits.max_queue, draft=draft,
                    cache=cache).start() as engine:
         app = create_app(engine, model_path.name, keys, limits, cors_origins, log_requests)
         server = _GracefulServer(uvicorn_config(app, limits), engine)

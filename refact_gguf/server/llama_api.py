@@ -92,6 +92,7 @@ def timings(c: Completion) -> dict[str, Any]:
         "predicted_per_token_ms": round(c.predicted_ms / c.tokens_predicted, 3) if c.tokens_predicted else 0.0,
         "predicted_per_second": round(c.tokens_predicted / c.predicted_ms * 1e3, 2) if c.predicted_ms else 0.0,
         "cache_n": c.tokens_cached,
+        **({"draft_n": c.draft_n, "draft_n_accepted": c.draft_accepted} if c.draft_n else {}),
     }
 
 
@@ -215,6 +216,8 @@ async def metrics(request: Request):
     metric("tokens_predicted_total", "counter", "Tokens generated.", stats.tokens_predicted)
     metric("short_answers_total", "counter", "Requests answered from the lines around the cursor.", stats.short_answers)
     metric("background_tokens_total", "counter", "Prompt tokens evaluated in the background.", stats.background_tokens)
+    metric("draft_tokens_total", "counter", "Tokens drafted from requests' own context (--draft).", stats.draft_tokens)
+    metric("draft_accepted_total", "counter", "Drafted tokens kept: greedy decoding picked them too.", stats.draft_accepted)
     metric("requests_waiting", "gauge", "Requests waiting for a slot.", load["waiting"])
     metric("slots_busy", "gauge", "Slots running a request or background work.", load["busy"])
     metric("slots", "gauge", "Slots (sequences) of the engine.", load["slots"])
