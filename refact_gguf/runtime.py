@@ -51,8 +51,9 @@ class Slot:
         self.n_predicted = 0
         self.sent = 0  # characters of text handed to on_text
         self.next_token: int | None = None  # the last token picked, decoded next
-        self.drafted = 0  # tokens drafted for this task (Engine(draft=…)), and of those kept
+        self.drafted = 0  # tokens drafted for this task (Engine(draft=…)), of those kept, in how many steps
         self.kept = 0
+        self.draft_steps = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops: frozenset[int] = frozenset()
         self.greedy = True
@@ -115,7 +116,7 @@ class Slot:
         self.prompt_len = len(prompt)
         self.max_tokens = max(0, min(task.max_tokens, self.ctx.n_ctx - len(prompt)))
         self.n_predicted, self.sent = 0, 0
-        self.drafted = self.kept = 0
+        self.drafted = self.kept = self.draft_steps = 0
         self.next_token: int | None = None
         self.t_prompt = None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

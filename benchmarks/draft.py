@@ -1,0 +1,113 @@
+"""Drafting from the prompt (`serve --draft K`): what a k-token verify step costs against a
+one-token step at a server's depth, and, on a model whose weights mean something (the trained
+stand-in), how many drafts greedy decoding keeps and what that does to a completion's time.
+
+    python benchmarks/draft.py -m MODEL.gguf [--threads 2] [--gpu-layers 0] [--ks 2,4,8]
+
+`cost`: one sequence holding `--depth` tokens; the mean time of a decode of 1 token and of 1 + k
+tokens (every row an output, as a verify step), removed again after each (so every step sees the
+same depth). `fim`: FIM completions cut from standard-library files (80 lines before the cursor, 40
+after, n_predict 48, greedy) through the engine, without drafting and with each k, alternating;
+per k: tokens generated, drafted, kept, decode steps, and the median completion time. The texts
+must be equal (drafting changes nothing but the number of passes). One JSON line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+
+from refact_gguf import tasks
+from refact_gguf.engine import Engine
+from refact_gguf.llama import Context
+from refact_gguf.select import open_model
+
+
+def cost(model, depth: int, ks: list[int], threads: int | None, reps: int) -> dict:
+    ctx = Context(model, n_ctx=depth + max(ks) + 8, n_batch=max(512, max(ks) + 1), threads=threads)
+    rng = np.random.default_rng(0)
+    ctx.decode(rng.integers(100, model.n_vocab - 100, depth).tolist())
+    batch, ms = ctx.batch, {}
+    for k in [0, *ks]:
+        times = []
+        for _ in range(reps + 1):  # the first is a warm-up
+            batch.clear()
+            batch.add(0, rng.integers(100, model.n_vocab - 100, 1 + k).tolist(), depth, output_all=True)
+            t = time.perf_counter()
+            ctx.run(batch)
+            ctx.logits(1 + k).argmax(axis=1)  # what the engine reads
+            times.append((time.perf_counter() - t) * 1e3)
+            ctx.seq_keep(0, depth)
+        ms[k] = statistics.median(times[1:])
+    ctx.close()
+    return {"mode": "cost", "depth": depth, "step_ms": {str(k): round(v, 2) for k, v in ms.items()},
+            "relative": {str(k): round(v / ms[0], 2) for k, v in ms.items()}}
+
+
+def fim_cases(n_files: int) -> list[tuple[str, str]]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    names = ("textwrap.py", "heapq.py", "difflib.py", "bisect.py", "shlex.py", "fnmatch.py", "string.py", "glob.py")
+    cases = []
+    for name in names[:n_files]:
+        lines = (stdlib / name).read_text().splitlines(keepends=True)
+        for cut in (len(lines) // 3, 2 * len(lines) // 3):
+            cases.append(("".join(lines[max(0, cut - 80) : cut]), "".join(lines[cut : cut + 40])))
+    return cases
+
+
+def fim(model, ks: list[int], threads: int | None, n_files: int, rounds: int) -> list[dict]:
+    cases = fim_cases(n_files)
+    results: dict[int, dict] = {}
+    texts: dict[int, list[str]] = {}
+    for r in range(rounds):
+        for k in ([0, *ks] if r % 2 == 0 else [*ks[::-1], 0]):
+            with Engine(model, n_ctx=2048, threads=threads, draft=k).start() as engine:
+                done, times = [], []
+                for prefix, suffix in cases:
+                    task = tasks.fim(model.tokenize_cached, 2048, prefix, suffix, max_tokens=48)
+                    engine.run(tasks.Task(task.prompt[:-1], 0))  # the prompt in (not timed): generation is what drafting changes
+                    t = time.perf_counter()
+                    done.append(engine.run(task))
+                    times.append((time.perf_counter() - t) * 1e3)
+                row = results.setdefault(k, {"ms": [], "generated": 0, "drafted": 0, "kept": 0, "steps": 0})
+                row["ms"] += times
+                row["generated"] += sum(c.tokens_predicted for c in done)
+                row["drafted"] += sum(c.draft_n for c in done)
+                row["kept"] += sum(c.draft_accepted for c in done)
+                texts.setdefault(k, [c.text for c in done])
+    base = statistics.median(results[0]["ms"])
+    return [{"mode": "fim", "k": k, "completions": len(cases), "rounds": rounds, "median_ms": round(statistics.median(v["ms"]), 1),
+             "speedup": round(base / statistics.median(v["ms"]), 2), "generated": v["generated"], "drafted": v["drafted"],
+             "kept": v["kept"], "kept_per_draft": round(v["kept"] / v["drafted"], 2) if v["drafted"] else None,
+             "same_text_as_k0": texts[k] == texts[0]} for k, v in sorted(results.items())]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", type=Path, required=True)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--gpu-layers", default="0")
+    ap.add_argument("--ks", default="2,4,8")
+    ap.add_argument("--depth", type=int, default=1500)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--files", type=int, default=4, help="standard-library files, two cursors each")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--modes", default="cost,fim")
+    args = ap.parse_args()
+    ks = [int(k) for k in args.ks.split(",")]
+    with open_model(args.model, args.gpu_layers) as model:
+        if "cost" in args.modes:
+            print(json.dumps({"model": args.model.name, **cost(model, args.depth, ks, args.threads, args.reps)}), flush=True)
+        if "fim" in args.modes:
+            for row in fim(model, ks, args.threads, args.files, args.rounds):
+                print(json.dumps({"model": args.model.name, **row}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
