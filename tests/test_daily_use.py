@@ -132,3 +132,19 @@ def test_off_linux_the_humaneval_sandbox_says_so_in_one_line(monkeypatch):
     with pytest.raises(RefactGGUFError, match="needs Linux; this is darwin") as e:
         sandbox.run_programs(["print(1)"])
     assert "WSL" in e.value.hint
+
+
+def test_the_service_files_run_the_same_server():
+    """deploy/: the systemd unit and the launchd agent start the same command, and both parse."""
+    import configparser
+    import plistlib
+    import shlex
+    from pathlib import Path
+
+    deploy = Path(__file__).parent.parent / "deploy"
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(deploy / "refact-gguf.service")
+    systemd = shlex.split(unit["Service"]["ExecStart"])
+    launchd = plistlib.loads((deploy / "dev.refact-gguf.serve.plist").read_bytes())
+    assert launchd["ProgramArguments"][1:] == systemd[1:] and launchd["ProgramArguments"][0].endswith(".venv/bin/refact-gguf")
+    assert launchd["ExitTimeOut"] == int(unit["Service"]["TimeoutStopSec"])  # time to write the KV caches at SIGTERM
