@@ -58,14 +58,15 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.fake_hub and tests.torch_bin
+sys.path.insert(0, str(ROOT))  # refact_gguf from a checkout
 
 from refact_gguf import catalog  # noqa: E402
 from refact_gguf.convert import convert  # noqa: E402
 from refact_gguf.convert.checkpoint import Checkpoint  # noqa: E402
 from refact_gguf.convert.synthetic import SyntheticSpec, write_checkpoint  # noqa: E402
-from tests import torch_bin  # noqa: E402
-from tests.fake_hub import FakeHub  # noqa: E402
+from benchmarks import torch_bin  # noqa: E402
+from benchmarks.fake_hub import FakeHub  # noqa: E402
+from benchmarks.replicas import free_port  # noqa: E402
 
 HTTP = httpx.Client()  # one client: a new one per request costs more than a refused request
 COLUMNS = ("clean error", "accepted", "traceback", "crash", "hang", "wrong answer")
@@ -125,12 +126,6 @@ def run_cli(args: list[str], timeout: float, env: dict | None = None, stdin: byt
         proc.communicate()
         return "hang", f"still running after {timeout:.0f} s"
     return classify(proc.returncode, err.decode(errors="replace"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

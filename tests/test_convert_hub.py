@@ -11,7 +11,7 @@ from refact_gguf.cli import app
 from refact_gguf.hub import converted_path
 from refact_gguf.select import resolve_model
 
-from .fake_hub import FakeHub
+from benchmarks.fake_hub import FakeHub
 
 REPO = catalog.load().model.source_repo
 

@@ -19,7 +19,7 @@ from refact_gguf.convert import convert, writer
 from refact_gguf.convert.checkpoint import Checkpoint
 from refact_gguf.errors import CheckpointError, OutputError, TensorError
 
-from . import torch_bin
+from benchmarks import torch_bin
 
 
 

@@ -18,7 +18,7 @@ from refact_gguf import catalog, hub
 from refact_gguf.errors import OutputError
 from refact_gguf.hub import HubConfig, HubError
 
-from .fake_hub import FakeHub
+from benchmarks.fake_hub import FakeHub
 
 CAT = catalog.load()
 REPO = CAT.model.gguf_repo

@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from refact_gguf.server import ApiKeys
 from refact_gguf.server import keys as keys_module
 
-from benchmarks.replicas import haproxy_config
+from benchmarks.replicas import free_port, haproxy_config
 
 from .serving import running
 
@@ -101,12 +100,6 @@ def test_serve_refuses_a_keys_file_it_cannot_read(q4_model, tmp_path):
 
 
 # ------------------------------------------------------------------------------ the shipped proxy config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (apt-get install haproxy)")
