@@ -36,6 +36,7 @@ import numpy as np
 
 from . import layout
 from .cores import FreeCores
+from .drafting import Drafter
 from .errors import BusyError, InputError, RefactGGUFError
 from .llama import Context, Model
 from .layout import REUSE_CHUNK, common_prefix
@@ -117,7 +118,6 @@ class Stats:
     background_stopped: int = 0  # background steps given up for a person's request
     draft_tokens: int = 0  # tokens drafted from a request's own context (--draft)
     draft_accepted: int = 0  # of those, what greedy decoding would have generated: kept
-    draft_steps: int = 0  # verify steps
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))  # per bucket, +Inf last
     latency_sum_s: float = 0.0
     started: float = field(default_factory=time.time)
@@ -135,7 +135,7 @@ class Engine:
         if parallel + n_scratch > n_batch:
             raise InputError(f"--parallel {parallel} is more than a batch of {n_batch} tokens can serve")
         self.model = model
-        self.draft = draft  # tokens drafted per step for a lone greedy request; 0: none
+        self.drafter = Drafter(draft) if draft else None  # for a lone greedy request (drafting.py)
         self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, threads=threads, n_seq_max=parallel + n_scratch)
         self._cores = FreeCores(self.ctx.threads) if threads is None else None  # None: as many as are free
         self.n_ctx = self.ctx.n_ctx
@@ -144,12 +144,6 @@ class Engine:
         self.scratch = [Slot(self.ctx, seq) for seq in range(parallel, parallel + n_scratch)]
         self._sequences = self.slots + self.scratch  # by sequence id
         self._restore_rate = dict(RESTORE_RATE)
-        # What drafting costs here, measured: a lone sequence's one-token step, and a verify step by
-        # the number of tokens drafted (seconds, running means). A draft is sent only where the tokens
-        # it is expected to keep pay for the longer step (on 2 CPU cores a 2-token draft made the
-        # step 2.4× longer: docs/benchmarks.md).
-        self._lone_step_s: float | None = None
-        self._verify_step_s: dict[int, float] = {}
         if cache is not None:
             cache.bind(self.ctx.state_layout)
         # Each person's keystroke resends a prefix and a suffix the tokenizer has seen: keep theirs.
@@ -502,9 +496,18 @@ class Engine:
                 self._done(slot, slot.finish("time"))
         if not self._active:
             return
-        if self.draft and len(self._active) == 1 and not self._waiting:
+        if self.drafter and len(self._active) == 1 and not self._waiting:
             (slot, handle), = self._active.items()
-            if slot.generating and slot.greedy and not handle.background and self._draft_step(slot):
+            if slot.generating and slot.greedy and not handle.background and (v := self.drafter.step(ctx, slot)):
+                stats = self.stats
+                stats.draft_tokens += v.drafted
+                stats.draft_accepted += v.kept
+                stats.steps += 1
+                stats.batch_tokens += v.batch_tokens
+                stats.decode_s += v.decode_s
+                stats.step_s += time.perf_counter() - now
+                if v.done is not None:
+                    self._done(slot, v.done)
                 return
         people = any(not h.background for h in self._active.values())
         # Background prompts together: one ubatch of a step people wait on (a quarter of one did not
@@ -550,68 +553,14 @@ class Engine:
         if sum(n for _, n in prompts) >= 16:  # a prompt step: how fast prompts go now
             rate = batch.n / (t1 - t0)
             self.prompt_rate = rate if self.prompt_rate is None else 0.7 * self.prompt_rate + 0.3 * rate
-        if self.draft and len(rows) == 1 and rows[0].kind == "token":
-            self._lone_step_s = _mean(self._lone_step_s, t1 - t0)
+        if self.drafter and len(rows) == 1 and rows[0].kind == "token":
+            self.drafter.lone_step(t1 - t0)
         stats = self.stats
         stats.steps += 1
         stats.batch_tokens += batch.n
         stats.fillers += sum(r.kind == "filler" for r in rows)
         stats.decode_s += t1 - t0
         stats.step_s += time.perf_counter() - now
-
-    def _draft_step(self, slot: Slot) -> bool:
-        """One llama_decode of a lone greedy request's next token and the tokens drafted after it
-        from its own context (`layout.draft`), every row an output: the drafted tokens greedy
-        decoding picks too are kept, in order, the rest removed from the cache. The same text as
-        one token a step, in fewer passes over the weights. False: nothing to draft."""
-        history = np.append(slot.cached[: slot.n_cached], slot.next_token)
-        drafted = layout.draft(history, min(self.draft, self.n_ctx - 1 - slot.pos))
-        if not len(drafted) or not self._draft_pays(slot, len(drafted)):
-            return False
-        ctx, batch = self.ctx, self.ctx.batch
-        t0 = time.perf_counter()
-        batch.clear()
-        batch.add(slot.seq, history[-1:].tolist() + drafted.tolist(), slot.pos, output_all=True)
-        ctx.run(batch)
-        t1 = time.perf_counter()
-        picks = ctx.logits(batch.n).argmax(axis=1)
-        slot.token_done()
-        kept = 0
-        for i, token in enumerate(picks.tolist()):
-            done = slot.accept(token)
-            if done is not None:
-                self._done(slot, done)
-                break
-            if i == len(drafted) or token != drafted[i]:
-                break  # `token` goes in with the next step
-            slot.token_done()  # the drafted token, decoded already at its position
-            kept += 1
-        slot.drafted += len(drafted)
-        slot.kept += kept
-        slot.draft_steps += 1
-        ctx.seq_keep(slot.seq, slot.n_cached)
-        n = len(drafted)
-        self._verify_step_s[n] = _mean(self._verify_step_s.get(n), t1 - t0)
-        stats = self.stats
-        stats.draft_tokens += len(drafted)
-        stats.draft_accepted += kept
-        stats.draft_steps += 1
-        stats.steps += 1
-        stats.batch_tokens += batch.n
-        stats.decode_s += t1 - t0
-        stats.step_s += time.perf_counter() - t0
-        return True
-
-    def _draft_pays(self, slot: Slot, n: int) -> bool:
-        """Whether a draft of `n` tokens is worth its verify step for this request: the tokens a
-        step then yields (one, and those kept: this request's mean so far, else every request's)
-        against the time of a one-token step. Unmeasured costs are measured first; where drafts do
-        not pay, one step in 16 still drafts, as what is typed may start repeating the file."""
-        verify, lone = self._verify_step_s.get(n), self._lone_step_s
-        if verify is None or lone is None:
-            return verify is None  # measure the verify step; then a one-token step
-        steps, kept = (slot.draft_steps, slot.kept) if slot.draft_steps else (self.stats.draft_steps, self.stats.draft_accepted)
-        return (1 + kept / max(1, steps)) * lone >= verify or slot.n_predicted % 16 == 15
 
     def _layout_view(self) -> list[layout.Sequence]:
         """Every sequence as `layout.plan` sees it."""
@@ -671,8 +620,3 @@ def _library_error(e: Exception) -> RefactGGUFError:
     if isinstance(e, RefactGGUFError):
         return e
     return RefactGGUFError(f"internal error: {e!r}", "please report it, with the log of REFACT_GGUF_DEBUG=1")
-
-
-def _mean(mean: float | None, value: float, weight: float = 0.2) -> float:
-    """A running mean that follows the machine (other load, thermal limits) within a few dozen steps."""
-    return value if mean is None else (1 - weight) * mean + weight * value
