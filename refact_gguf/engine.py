@@ -122,6 +122,12 @@ class Stats:
     latency_sum_s: float = 0.0
     started: float = field(default_factory=time.time)
 
+    def count_step(self, tokens: int, decode_s: float, step_s: float) -> None:
+        self.steps += 1
+        self.batch_tokens += tokens
+        self.decode_s += decode_s
+        self.step_s += step_s
+
 
 class Engine:
     """`submit` tasks from any thread; the engine thread runs them, batched."""
@@ -499,13 +505,9 @@ class Engine:
         if self.drafter and len(self._active) == 1 and not self._waiting:
             (slot, handle), = self._active.items()
             if slot.generating and slot.greedy and not handle.background and (v := self.drafter.step(ctx, slot)):
-                stats = self.stats
-                stats.draft_tokens += v.drafted
-                stats.draft_accepted += v.kept
-                stats.steps += 1
-                stats.batch_tokens += v.batch_tokens
-                stats.decode_s += v.decode_s
-                stats.step_s += time.perf_counter() - now
+                self.stats.draft_tokens += v.drafted
+                self.stats.draft_accepted += v.kept
+                self.stats.count_step(v.batch_tokens, v.decode_s, time.perf_counter() - now)
                 if v.done is not None:
                     self._done(slot, v.done)
                 return
@@ -553,14 +555,11 @@ class Engine:
         if sum(n for _, n in prompts) >= 16:  # a prompt step: how fast prompts go now
             rate = batch.n / (t1 - t0)
             self.prompt_rate = rate if self.prompt_rate is None else 0.7 * self.prompt_rate + 0.3 * rate
-        if self.drafter and len(rows) == 1 and rows[0].kind == "token":
-            self.drafter.lone_step(t1 - t0)
-        stats = self.stats
-        stats.steps += 1
-        stats.batch_tokens += batch.n
-        stats.fillers += sum(r.kind == "filler" for r in rows)
-        stats.decode_s += t1 - t0
-        stats.step_s += time.perf_counter() - now
+        busy = [r for r in rows if r.kind != "filler"]
+        if self.drafter and len(busy) == 1 and busy[0].kind == "token":
+            self.drafter.lone_step(t1 - t0)  # one sequence's one token (and, on a GPU, a filler for each other slot)
+        self.stats.fillers += len(rows) - len(busy)
+        self.stats.count_step(batch.n, t1 - t0, time.perf_counter() - now)
 
     def _layout_view(self) -> list[layout.Sequence]:
         """Every sequence as `layout.plan` sees it."""

@@ -218,3 +218,14 @@ def test_drafted_tokens_leave_the_greedy_text_as_it_is(model, sample_tokens, mon
     assert got.tokens_predicted == expected.tokens_predicted and got.draft_accepted >= 10
     assert got.draft_n - got.draft_accepted >= 5  # wrong drafts were thrown away, not kept
     assert stats.steps < plain_steps + plain_steps // 2  # two prompts in fewer steps than 1.5 of one
+
+
+def test_a_lone_step_is_measured_beside_the_gpu_layouts_fillers(model, sample_tokens):
+    """The draft gate compares a verify step with a one-token step of a lone request. On a GPU that
+    step also carries a filler row for every other sequence (here the scratch sequence short answers
+    use): it still counts, or drafting would stop after its first verify step, never measured against."""
+    from refact_gguf.prompt_cache import PromptCache
+
+    with Engine(model, n_ctx=N_CTX, threads=2, full_batches=True, cache=PromptCache(1 << 20), draft=4) as engine:
+        drive(engine, [engine.submit(Task(list(sample_tokens[:30]), 8))])
+        assert engine.stats.fillers > 0 and engine.drafter.lone_step_s is not None
