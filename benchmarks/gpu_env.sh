@@ -9,7 +9,8 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 T0=$(date +%s)
 log() { echo "[$(($(date +%s) - T0))s] $*" | tee -a "$OUT/steps.log"; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# A later call on the warm machine may carry other things instead (gpu_draft.sh): the wheels stay installed.
+[ -d /tmp/site ] && [ ! -d .whl ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 SRC_ROOT=${SRC_ROOT:-/tmp/src}
 [ -d "$SRC_ROOT/llama_cpp_python-0.3.36" ] || { mkdir -p "$SRC_ROOT" && tar xzf .sdist/llama-src.tar.gz -C "$SRC_ROOT"; }
 export PYTHONPATH="/tmp/site:$PWD:$SRC_ROOT/llama_cpp_python-0.3.36"

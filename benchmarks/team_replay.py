@@ -31,22 +31,29 @@ import httpx
 LINE = "    result = normalize(value, strict=True)"
 
 
-def files(n: int) -> list[Path]:
-    """n different standard-library modules of a few hundred lines, spread over the alphabet."""
+def files(n: int, offset: int = 0) -> list[Path]:
+    """n different standard-library modules of a few hundred lines, spread over the alphabet from
+    the `offset`-th."""
     root = Path(sysconfig.get_paths()["stdlib"])
     pool = sorted(p for p in root.glob("*.py") if 200 <= p.read_text(errors="replace").count("\n") and p.stat().st_size < 120_000)
+    pool = pool[offset % len(pool):] + pool[: offset % len(pool)]
     step = max(1, len(pool) // n)
     return (pool[::step] * n)[:n]  # more people than modules: some share a file, as a team does
 
 
-def requests(path: Path, keystrokes: int, n_predict: int, whole: bool = False, budget_ms: int = 600000) -> list[dict]:
+def requests(path: Path, keystrokes: int, n_predict: int, whole: bool = False, budget_ms: int = 600000,
+             retype: bool = False) -> list[dict]:
     lines = path.read_text(errors="replace").splitlines(keepends=True)
     cursor = min(110, len(lines) - 65)
+    typed = LINE
+    if retype:  # the file's own line, typed again: a trained model can suggest what the file holds
+        cursor = next((i for i in range(cursor, len(lines) - 65) if len(lines[i].strip()) >= 24), cursor)
+        typed = lines.pop(cursor).rstrip("\n")
     prefix = "".join(lines[0 if whole else max(0, cursor - 256) : cursor])
     suffix = "\n" + "".join(lines[cursor : None if whole else cursor + 64])
-    step = max(1, len(LINE) // (keystrokes + 1))
+    step = max(1, len(typed) // (keystrokes + 1))
     return [{
-        "input_prefix": prefix, "input_suffix": suffix, "input_extra": [], "prompt": LINE[: k * step],
+        "input_prefix": prefix, "input_suffix": suffix, "input_extra": [], "prompt": typed[: k * step],
         "n_predict": n_predict, "n_indent": 0, "top_k": 1, "samplers": ["top_k"], "temperature": 0.0,
         "stream": False, "cache_prompt": True, "t_max_prompt_ms": budget_ms, "t_max_predict_ms": 600000,
     } for k in range(keystrokes + 1)]
@@ -89,7 +96,8 @@ def engine_sender(engine):
         task = service.fim(body["input_prefix"], body["input_suffix"], time.perf_counter(),
                            max_tokens=body["n_predict"], line=body["prompt"])
         c = engine.run(task)
-        return True, {"prompt_n": c.tokens_evaluated, "predicted_n": c.tokens_predicted}
+        return True, {"prompt_n": c.tokens_evaluated, "predicted_n": c.tokens_predicted, "draft_n": c.draft_n,
+                      "draft_n_accepted": c.draft_accepted}
 
     return send
 
@@ -106,11 +114,12 @@ def replay(send, typists: int, keystrokes: int, n_predict: int, counters=lambda:
 
 
 def run(send, typists: int, keystrokes: int, n_predict: int, pause_s: float = 0.0, whole: bool = False,
-        budget_ms: int = 600000, stagger_ms: float = 0.0, on_warm=lambda: None) -> list[dict]:
+        budget_ms: int = 600000, stagger_ms: float = 0.0, retype: bool = False, file_offset: int = 0,
+        on_warm=lambda: None) -> list[dict]:
     """Phase 1 (every first, cold request at once), then phase 2 (warm keystrokes, `pause_s`
     apart, typist i starting `i * stagger_ms` late): one row a request, `end` and `start` on
     time.perf_counter()'s clock. `on_warm` runs once between the phases."""
-    plans = [requests(p, keystrokes, n_predict, whole, budget_ms) for p in files(typists)]
+    plans = [requests(p, keystrokes, n_predict, whole, budget_ms, retype) for p in files(typists, file_offset)]
     rows: list[dict] = []
     lock = threading.Lock()
     cold_done = threading.Barrier(typists + 1)
@@ -121,7 +130,9 @@ def run(send, typists: int, keystrokes: int, n_predict: int, pause_s: float = 0.
         ok, t = send(who, body)
         with lock:
             rows.append({"who": who, "k": k, "start": t0, "ms": (time.perf_counter() - t0) * 1e3, "ok": ok,
-                         "prompt_n": t.get("prompt_n", 0), "predicted_n": t.get("predicted_n", 0), "end": time.perf_counter()})
+                         "prompt_n": t.get("prompt_n", 0), "predicted_n": t.get("predicted_n", 0),
+                         "draft_n": t.get("draft_n", 0), "draft_n_accepted": t.get("draft_n_accepted", 0),
+                         "end": time.perf_counter()})
 
     def typist(who: int) -> None:
         one(who, 0, plans[who][0])
@@ -160,8 +171,13 @@ def summarize(rows: list[dict], typists: int, keystrokes: int, n_predict: int) -
         "cold_mean_prompt_n": round(statistics.mean(r["prompt_n"] for r in cold), 1),
         "warm_p50_ms": pct(0.5), "warm_p95_ms": pct(0.95),
         "warm_tokens_per_s": round(sum(r["predicted_n"] for r in warm_ok) / warm_wall, 1) if warm_wall else 0.0,
+        # Servers stop at different places (ours at the FIM stop rules, llama-server at n_predict or
+        # EOS): the time a generated token took, beside the keystroke's.
+        "warm_ms_per_token": round(sum(r["ms"] for r in warm_ok) / max(1, sum(r["predicted_n"] for r in warm_ok)), 2),
         "warm_mean_prompt_n": round(statistics.mean(r["prompt_n"] for r in warm_ok), 2) if warm_ok else 0.0,
         "warm_mean_predicted_n": round(statistics.mean(r["predicted_n"] for r in warm_ok), 2) if warm_ok else 0.0,
+        # Speculation (ours: --draft; llama-server: --spec-type), summed over the warm keystrokes.
+        "warm_drafted": sum(r["draft_n"] for r in warm_ok), "warm_draft_accepted": sum(r["draft_n_accepted"] for r in warm_ok),
         "errors": sum(not r["ok"] for r in rows),
         # From everyone's first keystroke to the last answer: what front-loading a cold file's
         # prompt (or spreading it over the next keystrokes) costs a person in all.
@@ -183,11 +199,15 @@ def main() -> None:
     ap.add_argument("--stagger-ms", type=float, default=0.0, help="typist i starts typing i × this late")
     ap.add_argument("--pause-ms", type=float, default=0.0, help="between an answer and the next keystroke (0: back to back)")
     ap.add_argument("--budget-ms", type=int, default=600000, help="t_max_prompt_ms sent (llama.vim: 500)")
+    ap.add_argument("--retype", action="store_true",
+                    help="type the file's own line at the cursor (it leaves the suffix), not a made-up one: what a trained model can predict")
+    ap.add_argument("--file-offset", type=int, default=0, help="start the pool of files this many files on (other files, same sizes)")
     ap.add_argument("--label", default="")
     ap.add_argument("--json", type=Path, help="append the summary as one JSON line")
     args = ap.parse_args()
     options = {"whole": args.whole_files, "stagger_ms": args.stagger_ms, "budget_ms": args.budget_ms,
-               "pause_s": args.pause_ms / 1e3}
+               "pause_s": args.pause_ms / 1e3, "retype": args.retype,
+               "file_offset": args.file_offset}
     if args.url:
         url = args.url.rstrip("/")
         summary = replay(http_sender(url), args.typists, args.keystrokes, args.n_predict, lambda: server_counters(url), **options)
