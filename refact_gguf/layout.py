@@ -137,10 +137,13 @@ def draft(history: np.ndarray, k: int, longest: int = 4, shortest: int = 2) -> n
     """Up to `k` ids that followed the latest earlier occurrence of the history's last n ids, the
     longest n from `longest` down to `shortest` that occurs (prompt lookup: a FIM prompt holds the
     code after the cursor and the rest of the file, which what is typed often repeats); [] if none."""
+    # Where the last id occurred before, then which of those runs match further back: a few dozen
+    # candidates, not a window per position (this runs every generated token of a lone request).
+    ends = np.flatnonzero(history[:-1] == history[-1]) + 1  # a run ending at `end` (exclusive)
     for n in range(min(longest, len(history) - 1), shortest - 1, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(history[:-1], n)  # every earlier run of n, not the tail itself
-        hits = np.flatnonzero((windows == history[-n:]).all(axis=1))
+        hits = ends[ends >= n]
+        for back in range(1, n):
+            hits = hits[history[hits - 1 - back] == history[-1 - back]]
         if hits.size:
-            start = hits[-1] + n
-            return history[start : start + k]
+            return history[hits[-1] : hits[-1] + k]
     return history[:0]

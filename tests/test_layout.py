@@ -3,7 +3,9 @@ batch of many people one pass over the weights, and background work from starvin
 
 from __future__ import annotations
 
-from refact_gguf.layout import DRIBBLE, Room, Sequence, plan
+import numpy as np
+
+from refact_gguf.layout import DRIBBLE, Room, Sequence, draft, plan
 
 CPU = Room(capacity=512, n_ubatch=128, every_row=False, background=32)
 GPU = Room(capacity=512, n_ubatch=512, every_row=True, background=128)
@@ -89,3 +91,24 @@ def test_a_prompt_row_is_an_answer_only_on_its_last_chunk():
     assert rows[0].n == 512 and not rows[0].answer and not rows[0].output
     rows = plan(with_(idle(1), a=Sequence(0, todo=300)), Room(512, 512, False, 512))
     assert rows[0].n == 300 and rows[0].answer and rows[0].output
+
+
+def ids(*tokens: int) -> np.ndarray:
+    return np.array(tokens, dtype=np.int32)
+
+
+def test_a_draft_is_what_followed_the_latest_earlier_run_of_the_last_ids():
+    history = ids(1, 2, 3, 4, 50, 51, 9, 2, 3, 4, 60, 61, 62, 7, 2, 3, 4)
+    assert draft(history, 2).tolist() == [60, 61]  # the latest of two earlier runs of 2 3 4
+    assert draft(history, 9).tolist() == [60, 61, 62, 7, 2, 3, 4]  # up to the end, not past it
+
+
+def test_a_longer_match_wins_over_a_later_shorter_one():
+    history = ids(8, 3, 4, 70, 5, 3, 4, 80, 8, 3, 4)
+    assert draft(history, 1).tolist() == [70]  # 8 3 4 occurs once, earlier than the later 3 4
+
+
+def test_no_run_of_the_shortest_length_is_no_draft_and_the_tail_is_not_its_own_match():
+    assert draft(ids(1, 2, 3, 4, 5), 4).tolist() == []
+    assert draft(ids(7, 7), 4).tolist() == []  # a run of 2 needs an earlier copy of 7 7
+    assert draft(ids(7, 7, 7), 4).tolist() == [7]
