@@ -8,7 +8,10 @@
 #            and decoding at depth 1500: `refact-gguf bench --depth 1500` vs `llama-bench -d 1500`, alternating.
 #   matrix:  benchmarks/replay_matrix.sh (issue #25's cells: typists × whole files or 256/64 lines ×
 #            together or staggered; ours fresh and over the cache an earlier server left; llama-server)
-#   bash benchmarks/gpu_team.sh [all|batched|team|keystroke|matrix|setup]     (TYPISTS="1 8" for fewer team sizes)
+#   ab:      the matrix's cells (fresh caches) for the checkout's package and for the one carried in .ab/
+#            (`git archive BASE refact_gguf | tar -x -C .ab`: the build before a change), and llama-server,
+#            ROUNDS rounds, the three sides' order reversed each round
+#   bash benchmarks/gpu_team.sh [all|batched|team|keystroke|matrix|ab|setup]     (TYPISTS="1 8" for fewer team sizes)
 # llama.cpp is built from the carried sdist into .gpu/ (ignored by git), which a warm machine keeps
 # between calls. Needs, carried beside the repo: .whl/ and .sdist/llama-src.tar.gz (docs/benchmarks.md).
 STEPS=${1:-all}
@@ -46,6 +49,22 @@ fi
 if [ "$STEPS" = matrix ]; then
     log "replay matrix: TYPISTS=${TYPISTS:-1 8 32} FILES=${FILES:-whole window} STARTS=${STARTS:-together staggered}"
     PYTHON=python3 THREADS=16 GPU_LAYERS=99 OUT=$OUT WORK=$W/matrix bash benchmarks/replay_matrix.sh "$M" "$B"
+    log "done"
+    exit 0
+fi
+if [ "$STEPS" = ab ]; then
+    [ -d .ab/refact_gguf ] || { log "carry .ab (the package before the change)"; exit 1; }
+    for round in $(seq "${ROUNDS:-2}"); do
+        if [ $((round % 2)) = 1 ]; then order="before after theirs"; else order="theirs after before"; fi
+        for side in $order; do
+            log "A/B round $round: $side"
+            # -P: no cwd first on sys.path, so .ab's package is the one imported
+            pp=$PYTHONPATH py=python3; [ $side = before ] && pp=$PWD/.ab:$PYTHONPATH py="python3 -P"
+            PYTHONPATH=$pp PYTHON=$py THREADS=16 GPU_LAYERS=99 OUT=$OUT WORK=$W/matrix CACHES=fresh ROUNDS=1 \
+                SIDES=$([ $side = theirs ] && echo theirs || echo ours) LABEL="$side r$round" \
+                bash benchmarks/replay_matrix.sh "$M" "$B"
+        done
+    done
     log "done"
     exit 0
 fi

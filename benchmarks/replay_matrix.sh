@@ -9,6 +9,8 @@
 #   THREADS=16 GPU_LAYERS=99 TYPISTS="1 8 32" bash benchmarks/replay_matrix.sh MODEL.gguf LLAMA_BIN_DIR   # a GPU
 #   THREADS=2 TYPISTS="1 4 8" BUDGET_MS=500 bash benchmarks/replay_matrix.sh MODEL.gguf LLAMA_BIN_DIR     # a laptop
 # PAUSE_MS: between an answer and the next keystroke (default 0: back to back, the hardest case).
+# SIDES: "ours theirs" (default), or one of them; LABEL: a word before each run's label (A/B runs of
+# two builds of ours: benchmarks/gpu_team.sh ab).
 # One JSON line a run in $OUT/matrix.jsonl (label: side cache typists files start round), with the
 # engine's counters per warm keystroke for ours (saves, restores, short answers, background tokens).
 set -u
@@ -40,7 +42,7 @@ one() {  # side cache n files start round
         $PY benchmarks/team_replay.py --url "http://127.0.0.1:$port" --typists "$n" --keystrokes "${KEYSTROKES:-6}" \
             --budget-ms "${BUDGET_MS:-600000}" $([ "$files" = whole ] && echo --whole-files) \
             --stagger-ms $([ "$start" = staggered ] && echo "${STAGGER_MS:-10}" || echo 0) --pause-ms "${PAUSE_MS:-0}" \
-            --label "$side $cache n=$n $files $start r$round" --json "$OUT/matrix.jsonl"
+            --label "${LABEL:+$LABEL }$side $cache n=$n $files $start r$round" --json "$OUT/matrix.jsonl"
     else
         echo "$side did not start"; tail -n 5 "$W"/*.log
     fi
@@ -53,6 +55,7 @@ for n in ${TYPISTS:-1 8 32}; do
             for round in $(seq "${ROUNDS:-1}"); do
                 if [ $((round % 2)) = 1 ]; then order="ours theirs"; else order="theirs ours"; fi
                 for side in $order; do
+                    [[ " ${SIDES:-ours theirs} " == *" $side "* ]] || continue
                     if [ "$side" = ours ]; then
                         for cache in ${CACHES:-fresh warm}; do one ours "$cache" "$n" "$files" "$start" "$round"; done
                     else

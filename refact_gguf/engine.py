@@ -141,7 +141,10 @@ class Engine:
         if parallel + n_scratch > n_batch:
             raise InputError(f"--parallel {parallel} is more than a batch of {n_batch} tokens can serve")
         self.model = model
-        self.drafter = Drafter(draft) if draft else None  # for a lone greedy request (drafting.py)
+        # Drafting (a lone greedy request, drafting.py) keeps the greedy text only where a verify
+        # step's logits equal a one-token step's: on CUDA, rows of 2+ take other kernels and differ in
+        # the last bits (llama.cpp#27407); there the stand-in's text changed, and nothing was gained.
+        self.drafter = Drafter(draft) if draft and not model.n_gpu_layers else None
         self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, threads=threads, n_seq_max=parallel + n_scratch)
         self._cores = FreeCores(self.ctx.threads) if threads is None else None  # None: as many as are free
         self.n_ctx = self.ctx.n_ctx
@@ -516,7 +519,7 @@ class Engine:
         # finish whole files under back-to-back typing), ~1 s of prompt of a step nobody waits on.
         rows = layout.plan(self._layout_view(), layout.Room(
             batch.capacity, ctx.n_ubatch, self.full_batches,
-            ctx.n_ubatch if people else max(32, int((self.prompt_rate or 0) * BACKGROUND_STEP_S))))
+            ctx.n_ubatch if people else max(32, int((self.prompt_rate or 0) * BACKGROUND_STEP_S)), len(self.slots)))
         batch.clear()
         answers: list[tuple[Slot, int, int]] = []  # (slot, logits row, batch row) of each answering row
         n_outputs = 0

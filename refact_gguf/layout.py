@@ -47,6 +47,9 @@ class Room:
     n_ubatch: int
     every_row: bool  # a row for every sequence and every row an output (GPU: one graph, step after step)
     background: int  # tokens all background prompts together may take in this step (their share)
+    people: int | None = None  # with every_row: the first this many sequences (people's slots) have a
+    # row whenever two or more are busy; those after them (scratch sequences for short answers, idle
+    # nearly always) only up to the last busy one
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,10 @@ def plan(sequences: list[Sequence], room: Room) -> list[Row]:
     busy = [s for s in sequences if s.busy]
     if not busy:
         return []
-    lo, hi = (0, len(sequences) - 1) if room.every_row else (min(s.seq for s in busy), max(s.seq for s in busy))
+    if room.every_row and len(busy) > 1:
+        lo, hi = 0, max((room.people or len(sequences)) - 1, max(s.seq for s in busy))
+    else:  # a lone sequence decodes alone, on a GPU too: a filler row costs the step ~40% (1.63 -> 2.31 ms, H200)
+        lo, hi = min(s.seq for s in busy), max(s.seq for s in busy)
     left, share = room.capacity - (hi - lo + 1), room.background
     chunk: dict[int, int] = {}
     for s in sorted((s for s in busy if not s.generating), key=lambda s: s.rank):

@@ -34,13 +34,26 @@ def test_gaps_between_busy_sequences_get_fillers_so_ids_stay_consecutive():
     assert all(r.kind == "filler" and not r.output for r in rows if r.seq not in (3, 9, 20))
 
 
-def test_on_a_gpu_every_sequence_has_a_row_and_every_row_an_output():
+def test_on_a_gpu_every_sequence_has_a_row_and_every_row_an_output_while_several_are_busy():
     """One graph step after step: the same rows and outputs whoever is busy."""
-    for busy in ({1}, {0, 5, 7}, set(range(8))):
+    for busy in ({0, 5, 7}, {2, 3}, set(range(8))):
         seqs = [Sequence(i, generating=i in busy) for i in range(8)]
         rows = plan(seqs, GPU)
         assert [r.seq for r in rows] == list(range(8)) and all(r.output for r in rows)
         assert [r.seq for r in rows if r.answer] == sorted(busy)
+
+
+def test_on_a_gpu_a_lone_busy_sequence_decodes_alone():
+    seqs = [Sequence(i, generating=i == 5) for i in range(8)]
+    assert [(r.seq, r.kind) for r in plan(seqs, GPU)] == [(5, "token")]
+
+
+def test_on_a_gpu_idle_scratch_sequences_after_the_people_get_no_row():
+    seqs = [Sequence(i, generating=i in (1, 2)) for i in range(12)]  # 8 people's slots, 4 scratch sequences
+    room = Room(512, 512, True, 128, people=8)
+    assert [r.seq for r in plan(seqs, room)] == list(range(8))
+    seqs[9] = Sequence(9, generating=True)  # a short answer on the second scratch sequence
+    assert [r.seq for r in plan(seqs, room)] == list(range(10))
 
 
 def test_a_full_cache_gets_no_filler():
