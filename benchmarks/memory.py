@@ -20,8 +20,9 @@ CHILD = """
 import resource, sys, sysconfig
 from pathlib import Path
 from refact_gguf.runtime import Runtime
+from refact_gguf.select import open_model
 text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
-with Runtime(Path(sys.argv[1]), n_ctx=int(sys.argv[2]), threads=int(sys.argv[3])) as rt:
+with open_model(Path(sys.argv[1]), 0) as model, Runtime(model, n_ctx=int(sys.argv[2]), threads=int(sys.argv[3])) as rt:
     result = rt.fim(text[:20000], text[20000:24000], max_tokens=16)  # truncated to fill the context
     assert result.prompt_tokens > int(sys.argv[2]) - 200, result.prompt_tokens
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

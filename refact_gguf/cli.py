@@ -7,8 +7,9 @@ non-zero exit; the traceback only with REFACT_GGUF_DEBUG=1.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.markup import escape
@@ -92,15 +93,16 @@ MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most 
 Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")]
 
 
-def _runtime(model: Optional[str], ctx_size: int, gpu_layers: str, threads: Optional[int]):
-    from .runtime import Runtime
-    from .select import resolve_model
-
+@contextmanager
+def _runtime(model: Optional[str], ctx_size: int, gpu_layers: str, threads: Optional[int]) -> Iterator:
     from .loader import inspect
+    from .runtime import Runtime
+    from .select import open_model, resolve_model
 
     path = resolve_model(model)
     err.print(f"[dim]model: {escape(str(path))}\n  {escape(inspect(path).fidelity_note)}[/]")
-    return Runtime(path, n_ctx=ctx_size, n_gpu_layers=gpu_layers, threads=threads)
+    with open_model(path, gpu_layers) as loaded, Runtime(loaded, n_ctx=ctx_size, threads=threads) as rt:
+        yield rt
 
 
 def _report(result) -> None:
@@ -338,12 +340,13 @@ def quickstart(
     from .chat import Message
     from .quickstart import EXAMPLE_PREFIX, EXAMPLE_QUESTION, EXAMPLE_SUFFIX, choose_model
     from .runtime import Runtime
+    from .select import open_model
 
     llama_output(verbose)
     chosen = choose_model(RichProgress())
     label = "[bold yellow]SYNTHETIC model, random weights: the output below is gibberish by design[/]" if chosen.synthetic else "[green]real model[/]"
     err.print(f"model: {escape(str(chosen.path))}\n  {escape(chosen.why)}\n  {label}")
-    with Runtime(chosen.path, n_ctx=2048, threads=threads) as rt:
+    with open_model(chosen.path, 0) as loaded, Runtime(loaded, n_ctx=2048, threads=threads) as rt:
         err.rule("fill in the middle (SPM)")
         err.print(f"[dim]{escape(EXAMPLE_PREFIX)}[/][reverse]<cursor>[/][dim]{escape(EXAMPLE_SUFFIX)}[/]")
         result = rt.fim(EXAMPLE_PREFIX, EXAMPLE_SUFFIX, max_tokens=48)

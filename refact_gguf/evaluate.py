@@ -110,13 +110,14 @@ def _score_ctx(chunk: int) -> int:
 
 def _score(path: Path, ref_lp: np.ndarray, chunks: np.ndarray, tasks: list[FimTask], threads, progress: Progress) -> QualityResult:
     from .runtime import Runtime
+    from .select import open_model
 
     n, chunk = chunks.shape
     pos = np.arange(chunk - 1)
     ref_ce = -np.mean([ref_lp[i, pos, chunks[i, 1:]].astype(np.float64).mean() for i in range(n)])
     progress.start(f"eval {Path(path).name}", n + len(tasks))
     kls, agree, ces, exact = [], [], [], 0
-    with Runtime(path, n_ctx=_score_ctx(chunk), threads=threads) as rt:
+    with open_model(Path(path), 0) as model, Runtime(model, n_ctx=_score_ctx(chunk), threads=threads) as rt:
         for i, row in enumerate(chunks):
             lp = _log_softmax(rt.logits_of(row.tolist()))
             p_ref = ref_lp[i].astype(np.float64)

@@ -98,7 +98,7 @@ def _repo_dir(config: HubConfig, repo: str | None = None) -> Path:
 
 def converted_dir() -> Path:
     """Where `convert <repo id>` leaves the files it makes: quants found there come before pulled ones."""
-    from .userdirs import cache_root
+    from .files import cache_root
 
     return cache_root() / "converted"
 
@@ -110,7 +110,7 @@ def converted_path(quant: Quant) -> Path:
 def faithful_path(quant: Quant, sha256: str) -> Path:
     """Where the repaired (LayerNorm-faithful) copy of a published file lives: refact-gguf's own
     cache, by the published file's sha256 (the HF cache keeps the file as the Hub has it)."""
-    from .userdirs import cache_root
+    from .files import cache_root
 
     return cache_root() / "faithful" / sha256 / quant.filename(catalog.load().model)
 

@@ -33,7 +33,7 @@ from .errors import OutputError, RefactGGUFError
 from .progress import Progress
 from .sandbox import Limits, Outcome, run_programs
 from .tasks import Completion, StopRules, Task
-from .convert.writer import atomic_output
+from .files import atomic_output
 
 KINDS = ("complete", "line", "block")
 CODEX_STOPS = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")  # the Codex paper's, as HumanEval figures use

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .userdirs import cache_root
+from .files import cache_root
 
 
 def store() -> Path:
@@ -35,7 +35,7 @@ def _read() -> dict:
 
 def record(path: Path, pass1: dict[str, float]) -> None:
     """Keep `pass1` (task set → share passed, e.g. {"complete": 0.31, "line spm": 0.7}) for `path`."""
-    from .convert.writer import atomic_output  # not at import: list and recommend only read
+    from .files import atomic_output  # not at import: list and recommend only read
 
     path = Path(path).resolve()
     target = store()

@@ -37,7 +37,7 @@ import numpy as np
 
 from .llama import llama_version
 from .layout import common_prefix
-from .userdirs import cache_root
+from .files import cache_root
 
 MAGIC = b"RGGUFKV1"
 _HEAD = struct.Struct("<8sI")  # magic, length of the JSON header that follows
@@ -48,13 +48,6 @@ log = logging.getLogger("refact_gguf.server")
 def default_directory() -> Path:
     """Where saved states live: the user's cache directory (XDG_CACHE_HOME, else ~/.cache)."""
     return cache_root() / "kv"
-
-
-def default_memory_mb() -> int:
-    """A memory budget for saved states: an eighth of the available RAM, at most 1 GiB (~80 files)."""
-    from .select import free_memory
-
-    return min(1024, free_memory().ram_available // 8 >> 20)
 
 
 def model_fingerprint(path: Path) -> str:

@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 from gguf.quants import dequantize
 
-from .convert.writer import atomic_output
+from .files import atomic_output
 from .errors import ModelFileError
 from .llama import quantize_rows
 from .loader import CENTRED_KEY, REPAIRED_KEY, inspect

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import codecs
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -225,15 +224,9 @@ class Slot:
 
 
 class Runtime:
-    """One slot on a context, driven synchronously. Pass a path to load (and own) the model, or
-    a loaded `Model` to share it."""
+    """One slot on a context of a loaded model (`select.open_model`), driven synchronously."""
 
-    def __init__(self, model: Path | Model, n_ctx: int = 4096, n_gpu_layers: str | int = 0, threads: int | None = None):
-        from .select import open_model
-
-        self._owns_model = not isinstance(model, Model)
-        if self._owns_model:
-            model = open_model(Path(model), n_gpu_layers)
+    def __init__(self, model: Model, n_ctx: int = 4096, threads: int | None = None):
         self.model = model
         self.ctx = Context(self.model, n_ctx=n_ctx, threads=threads)
         self._cores = FreeCores(self.ctx.threads) if threads is None else None  # None: as many as are free
@@ -243,8 +236,6 @@ class Runtime:
     def close(self) -> None:
         self.slot.close()
         self.ctx.close()
-        if self._owns_model:
-            self.model.close()
 
     def __enter__(self) -> Runtime:
         return self

@@ -12,7 +12,7 @@ import psutil
 from . import catalog
 from .catalog import Catalog, Quant
 from .errors import ModelFileError, RefactGGUFError
-from .userdirs import cache_root
+from .files import cache_root
 
 if TYPE_CHECKING:
     from .llama import Model
@@ -78,6 +78,12 @@ def free_memory() -> Memory:
     except Exception:  # no module, no driver, no GPU: all mean "no VRAM to count"
         vram = None
     return Memory(psutil.virtual_memory().available, vram)
+
+
+def kv_cache_mb() -> int:
+    """A memory budget for a server's saved KV states: an eighth of the available RAM, at most
+    1 GiB (~80 files)."""
+    return min(1024, free_memory().ram_available // 8 >> 20)
 
 
 def fits(est: Estimate, memory: Memory, gpu: bool = False) -> bool:

@@ -283,7 +283,7 @@ def test_a_float32_bin_tensor_reads_as_a_writable_copy(tmp_path):
 
 
 def test_partial_files_of_a_killed_run_are_removed_by_the_next(tmp_path):
-    from refact_gguf.convert.writer import atomic_output
+    from refact_gguf.files import atomic_output
 
     target = tmp_path / "Refact-1_6B-fim.Q4_K_M.gguf"
     dead = _dead_pid()
@@ -316,11 +316,11 @@ def test_a_malformed_pickle_is_one_error(tmp_path):
 def test_a_short_write_on_a_full_disk_says_disk_full(tmp_path, monkeypatch):
     """numpy's tofile reports a full disk as "N requested and M written", with no errno (seen on a
     3 MB tmpfs); the user should read "disk full"."""
-    from refact_gguf.convert import writer
+    from refact_gguf import files
 
-    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
     with pytest.raises(OutputError, match="disk full while writing x.gguf"):
-        with writer.atomic_output(tmp_path / "x.gguf") as tmp:
+        with files.atomic_output(tmp_path / "x.gguf") as tmp:
             tmp.write_bytes(b"GGUF")
             raise OSError("4194304 requested and 1168 written")
     assert list(tmp_path.iterdir()) == []  # nothing half-written left

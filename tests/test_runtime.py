@@ -7,13 +7,14 @@ import pytest
 
 from refact_gguf import loader
 from refact_gguf.chat import Message
+from refact_gguf.llama import Model
 from refact_gguf.runtime import Runtime
 from refact_gguf.tasks import Sampling
 
 
 @pytest.fixture(scope="module")
 def rt(q4_model):
-    with Runtime(q4_model, n_ctx=1024, threads=2) as runtime:
+    with Model(q4_model) as model, Runtime(model, n_ctx=1024, threads=2) as runtime:
         yield runtime
 
 

@@ -113,7 +113,7 @@ def test_the_code_stop_rules_hold_on_real_completions(standin_q8):
             indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
             cases.append(("".join(lines[max(0, i - 60) : i]) + indent, "".join(lines[i + 1 : i + 30])))
     ended_by_rule = {True: 0, False: 0}
-    with Runtime(standin_q8, n_ctx=2048, threads=2) as rt:
+    with Model(standin_q8) as model, Runtime(model, n_ctx=2048, threads=2) as rt:
         for prefix, suffix in cases:
             for multiline in (True, False):
                 c = rt.fim(prefix, suffix, max_tokens=64, multiline=multiline)
@@ -141,7 +141,7 @@ def test_drafting_from_the_prompt_keeps_the_greedy_text_on_trained_weights(stand
         lines = (stdlib / name).read_text().splitlines(keepends=True)
         for cut in (len(lines) // 3, 2 * len(lines) // 3):
             cases.append(("".join(lines[max(0, cut - 80) : cut]), "".join(lines[cut : cut + 40])))
-    with Runtime(standin_q8, n_ctx=2048, threads=2) as rt:
+    with Model(standin_q8) as model, Runtime(model, n_ctx=2048, threads=2) as rt:
         expected = [rt.fim(p, s, max_tokens=48).text for p, s in cases]
     with Model(standin_q8) as model, Engine(model, n_ctx=2048, threads=2, draft=4).start() as engine:
         from refact_gguf import tasks

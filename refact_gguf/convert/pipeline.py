@@ -19,7 +19,8 @@ from .checkpoint import Checkpoint
 from .quantize import quantize
 from .refact import plan
 from .vocab import load_vocab
-from .writer import OUTTYPES, atomic_output, expected_size, write_gguf
+from ..files import atomic_output
+from .writer import OUTTYPES, expected_size, write_gguf
 
 
 @dataclass

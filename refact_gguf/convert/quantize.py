@@ -15,7 +15,7 @@ from ..catalog import Quant
 from ..errors import QuantizeError
 
 from .imatrix import Imatrix
-from .writer import atomic_output
+from ..files import atomic_output
 
 # llama.cpp logs "[  12/ 291]   blk.1.attn_q.weight - ..." once per tensor.
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..catalog import ffn_width
-from .writer import atomic_output
+from ..files import atomic_output
 
 SYNTHETIC_NAME = "Refact-1_6B-fim-SYNTHETIC-random-weights"
 _TORCH_DTYPE = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", None)}

@@ -180,11 +180,11 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8012, keys: ApiKeys |
     interrupted. Files' KV caches are kept in `cache_mb` of memory (default: from free RAM) and
     `cache_disk_mb` under `cache_dir` (default: the user's cache directory; 0 MB: none). A keys
     file behind `keys` is read again on SIGHUP."""
-    from ..prompt_cache import PromptCache, default_directory, default_memory_mb, model_fingerprint
-    from ..select import open_model
+    from ..prompt_cache import PromptCache, default_directory, model_fingerprint
+    from ..select import kv_cache_mb, open_model
 
     sock = _listen(host, port)  # before the model loads: a port in use is a one-line error at once
-    cache_mb = default_memory_mb() if cache_mb is None else cache_mb
+    cache_mb = kv_cache_mb() if cache_mb is None else cache_mb
     cache = PromptCache(cache_mb << 20, model_fingerprint(model_path), cache_dir or default_directory(),
                         cache_disk_mb << 20, model_path.name) if cache_mb or cache_disk_mb else None
     with sock, open_model(model_path, gpu_layers) as model, \
