@@ -18,7 +18,7 @@ from .cores import FreeCores
 from .errors import InputError
 from .layout import REUSE_CHUNK, common_prefix, reuse_plan
 from .llama import Context, Model, Sampler
-from .tasks import Completion, Sampling, Task
+from .tasks import Completion, Task
 
 OnText = Callable[[str], None]
 class Slot:

@@ -290,7 +290,7 @@ def test_a_crafted_state_that_claims_more_tokens_than_it_holds_is_refused(model,
 
 
 def test_a_state_larger_than_the_disk_budget_is_not_written(model, prompt, tmp_path):
-    with engine_with(model, tmp_path, disk_mb=0) as engine:
+    with engine_with(model, tmp_path, disk_mb=0):
         pass
     cache = PromptCache(64 << 20, "fp", tmp_path, 1000, "m", layout="x")
     cache.put(np.arange(100, dtype=np.int32), bytearray(5000))
