@@ -29,7 +29,6 @@ import bisect
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -38,8 +37,9 @@ from . import layout
 from .cores import FreeCores
 from .drafting import Drafter
 from .errors import BusyError, InputError, RefactGGUFError
+from .handles import LATENCY_BUCKETS, Handle, Stats
 from .llama import Context, Model
-from .layout import REUSE_CHUNK, common_prefix
+from .layout import REUSE_CHUNK
 from .prompt_cache import PromptCache
 from .runtime import OnText, Slot
 from .tasks import Completion, Task
@@ -49,84 +49,8 @@ SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk
 BACKGROUND_STEP_S = 1.0  # a step of background prefill lasts about this long (a request arriving stops it, losing it)
 RESTORE_RATE = {True: 2e9, False: 3e8}  # bytes a second of a restore from memory / from disk, until measured
 MAX_BACKGROUND = 8  # files whose full prompt waits to be evaluated in the background
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds, for /metrics
 SHORT_SHARE = 0.6  # of a prompt budget, what a short prompt may take (the rest: slack, and the first tokens)
 SHORT_FOR_AT_MOST_S = 2.0  # a file answered short this long waits for its full prompt on its next keystroke
-
-
-class Handle:
-    """A submitted task: `cancel()` it, `wait()` for its Completion. Callbacks run on the
-    engine thread: `on_text` with each piece of text that is final, `on_done` once at the end."""
-
-    def __init__(self, task: Task, on_text: OnText | None, on_done: Callable[[Handle], None] | None):
-        self.task, self._on_text, self.on_done = task, on_text, on_done
-        self.on_text = self._text if on_text is not None else None
-        self.completion: Completion | None = None
-        self.error: RefactGGUFError | None = None
-        self.cancelled = False
-        self.background = False  # a prompt evaluated for later keystrokes, with nobody waiting
-        self._done = threading.Event()
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None = None) -> Completion:
-        if not self._done.wait(timeout):
-            raise TimeoutError("the task did not finish in time")
-        if self.error is not None:
-            raise self.error
-        return self.completion
-
-    def _text(self, text: str) -> None:
-        try:
-            self._on_text(text)
-        except Exception:  # noqa: BLE001 - the consumer is gone (e.g. its event loop closed): stop its task
-            self.cancelled = True
-
-    def _finish(self, completion: Completion | None = None, error: RefactGGUFError | None = None) -> None:
-        self.completion, self.error = completion, error
-        self._done.set()
-        if self.on_done is not None:
-            try:
-                self.on_done(self)
-            except Exception:  # noqa: BLE001 - a consumer's failure must not stop the engine thread
-                pass
-
-
-@dataclass
-class Stats:
-    """Counters since start, for /health and /metrics."""
-
-    requests: int = 0
-    errors: int = 0
-    tokens_evaluated: int = 0
-    tokens_predicted: int = 0
-    steps: int = 0
-    batch_tokens: int = 0  # tokens decoded, over all steps
-    fillers: int = 0  # of those, fillers for idle slots between busy ones
-    decode_s: float = 0.0  # in llama_decode
-    step_s: float = 0.0  # in whole steps (decode + picking, stopping, streaming)
-    cache_saves: int = 0  # slot caches saved to the prompt cache
-    cache_restores: int = 0  # saved caches restored into a slot
-    short_answers: int = 0  # requests answered from the lines around the cursor, their full prompt being late
-    background_tokens: int = 0  # prompt tokens evaluated in the background
-    cache_refused: int = 0  # saved states llama.cpp would not restore, or restored wrong (dropped)
-    background_stopped: int = 0  # background steps given up for a person's request
-    draft_tokens: int = 0  # tokens drafted from a request's own context (--draft)
-    draft_accepted: int = 0  # of those, what greedy decoding would have generated: kept
-    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))  # per bucket, +Inf last
-    latency_sum_s: float = 0.0
-    started: float = field(default_factory=time.time)
-
-    def count_step(self, tokens: int, decode_s: float, step_s: float) -> None:
-        self.steps += 1
-        self.batch_tokens += tokens
-        self.decode_s += decode_s
-        self.step_s += step_s
 
 
 class Engine:
@@ -364,7 +288,7 @@ class Engine:
                         self._answer_short(slot, handle)
                         shortened = True
                     elif handle.task.short is not None:  # its full prompt goes in now: no longer a short-answered file
-                        self._shortened = [(p, t) for p, t in self._shortened if not _same_file(p, handle.task.prompt)]
+                        self._shortened = [(p, t) for p, t in self._shortened if not layout.same_file(p, handle.task.prompt)]
                 except Exception as e:  # noqa: BLE001 - the engine thread must outlive any one task
                     self._fail(slot, handle, _library_error(e))
             if not shortened:
@@ -385,7 +309,7 @@ class Engine:
         prompt tokens of people's requests admitted before it, at the measured rate."""
         if task.short is None or task.prompt_budget is None or self.prompt_rate is None or self.cache is None:
             return False
-        since = next((t for prompt, t in self._shortened if _same_file(prompt, task.prompt)), None)
+        since = next((t for prompt, t in self._shortened if layout.same_file(prompt, task.prompt)), None)
         if since is not None and time.perf_counter() - since > SHORT_FOR_AT_MOST_S:
             return False  # converge: at saturation the background share alone might never finish it
         ahead = sum(len(s.todo) for s, h in self._active.items() if s is not slot and not h.background and not s.generating)
@@ -399,7 +323,7 @@ class Engine:
         full.prompt_deadline = full.deadline = None  # the client's limits are the short one's now
         full.short = full.prompt_budget = None  # it is background work from now on, never late
         full.max_tokens = 0  # prefill only, also when it resumes from the queue
-        if not any(_same_file(prompt, full.prompt) for prompt, _ in self._shortened):
+        if not any(layout.same_file(prompt, full.prompt) for prompt, _ in self._shortened):
             self._shortened = [*self._shortened[-(MAX_BACKGROUND * 4 - 1):], (full.prompt, time.perf_counter())]
         background = Handle(full, None, None)
         background.background = True
@@ -409,7 +333,7 @@ class Engine:
         with self._cond:
             self._waiting.appendleft(handle)
             # One job a file: its newest prompt makes the older ones moot.
-            self._background = deque(h for h in self._background if not _same_file(h.task.prompt, full.prompt))
+            self._background = deque(h for h in self._background if not layout.same_file(h.task.prompt, full.prompt))
 
     def _yield_background(self) -> None:
         """A slot doing background work is given up, its progress saved, for each request that
@@ -420,12 +344,12 @@ class Engine:
             wanted = len(full) - sum(not s.busy for s in self.slots)
         jobs = [(slot, h) for slot, h in self._active.items() if h.background]
         for slot, handle in jobs:
-            if any(_same_file(handle.task.prompt, p) for p in full):
+            if any(layout.same_file(handle.task.prompt, p) for p in full):
                 wanted -= 1  # taken over, not yielded
         for slot, handle in jobs:
             if wanted <= 0:
                 break
-            if not any(_same_file(handle.task.prompt, p) for p in full):
+            if not any(layout.same_file(handle.task.prompt, p) for p in full):
                 self._save(slot)
                 slot.release()
                 del self._active[slot]
@@ -454,7 +378,7 @@ class Engine:
                 pool = scratch
             else:
                 # The file's newest keystroke takes over its background job, and all its progress.
-                same = [s for s, h in jobs.items() if _same_file(h.task.prompt, handle.task.prompt)]
+                same = [s for s, h in jobs.items() if layout.same_file(h.task.prompt, handle.task.prompt)]
                 for s in same:
                     del self._active[s], jobs[s]
                     s.release()
@@ -599,23 +523,6 @@ def _best_slot(slots: list[Slot], prompt: np.ndarray) -> Slot:
         return (shared if shared >= min(REUSE_CHUNK, len(prompt) // 2) else 0, -slot.last_used)
 
     return max(slots, key=affinity)
-
-
-def _same_file(a: list[int], b: list[int]) -> bool:
-    """Two prompts of one file: they share half of the shorter one up front, or the run of
-    REUSE_CHUNK ids at its middle appears in the other (a long file's prefix loses its head as the
-    cursor's line grows, shifting what follows). A byte search: this runs per request and per step."""
-    a, b = np.asarray(a, np.int32), np.asarray(b, np.int32)
-    short, long = (a, b) if len(a) <= len(b) else (b, a)
-    if common_prefix(a, b) >= len(short) // 2:
-        return True
-    if len(short) < 2 * REUSE_CHUNK:
-        return False
-    run, haystack = short[len(short) // 2 :][:REUSE_CHUNK].tobytes(), long.tobytes()
-    at = haystack.find(run)
-    while at > 0 and at % 4:  # a match must start on an id, not inside one
-        at = haystack.find(run, at + 1)
-    return at >= 0
 
 
 def _library_error(e: Exception) -> RefactGGUFError:

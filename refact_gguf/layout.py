@@ -137,6 +137,23 @@ def reuse_plan(cached: np.ndarray, prompt: np.ndarray) -> tuple[int, list[tuple[
     return head, moves
 
 
+def same_file(a: list[int], b: list[int]) -> bool:
+    """Two prompts of one file: they share half of the shorter one up front, or the run of
+    REUSE_CHUNK ids at its middle appears in the other (a long file's prefix loses its head as the
+    cursor's line grows, shifting what follows). A byte search: this runs per request and per step."""
+    a, b = np.asarray(a, np.int32), np.asarray(b, np.int32)
+    short, long = (a, b) if len(a) <= len(b) else (b, a)
+    if common_prefix(a, b) >= len(short) // 2:
+        return True
+    if len(short) < 2 * REUSE_CHUNK:
+        return False
+    run, haystack = short[len(short) // 2 :][:REUSE_CHUNK].tobytes(), long.tobytes()
+    at = haystack.find(run)
+    while at > 0 and at % 4:  # a match must start on an id, not inside one
+        at = haystack.find(run, at + 1)
+    return at >= 0
+
+
 # ---------------------------------------------------------------------------------- drafts
 
 def draft(history: np.ndarray, k: int, longest: int = 4, shortest: int = 2) -> np.ndarray:

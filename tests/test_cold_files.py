@@ -232,7 +232,7 @@ def test_a_background_step_given_up_part_way_leaves_slots_and_cache_in_step(mode
     next step's positions overlap the cache: llama_decode returned -1 and every task in it failed."""
     import llama_cpp
 
-    from refact_gguf.engine import Handle
+    from refact_gguf.handles import Handle
 
     a, b, c, _ = files
     prompts = [a + b, b + c, c + a]  # 400 tokens each: a step of 3 × 127 is three ubatches of 128

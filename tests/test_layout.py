@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refact_gguf.layout import DRIBBLE, Room, Sequence, draft, plan
+from refact_gguf.layout import DRIBBLE, REUSE_CHUNK, Room, Sequence, draft, plan, same_file
 
 CPU = Room(capacity=512, n_ubatch=128, every_row=False, background=32)
 GPU = Room(capacity=512, n_ubatch=512, every_row=True, background=128)
@@ -125,3 +125,13 @@ def test_no_run_of_the_shortest_length_is_no_draft_and_the_tail_is_not_its_own_m
     assert draft(ids(1, 2, 3, 4, 5), 4).tolist() == []
     assert draft(ids(7, 7), 4).tolist() == []  # a run of 2 needs an earlier copy of 7 7
     assert draft(ids(7, 7, 7), 4).tolist() == [7]
+
+
+def test_two_prompts_are_one_file_when_they_share_their_head_or_a_run_from_the_middle():
+    rng = np.random.default_rng(0)
+    text = rng.integers(100, 49000, 600).tolist()
+    assert same_file(text[:300], text[:300] + [1, 2, 3])  # one keystroke on
+    assert same_file(text[:400], text[37:400])  # the head cut as the line grew: a run from the middle is found
+    other = rng.integers(100, 49000, 400).tolist()
+    assert not same_file(text[:400], other)
+    assert not same_file(text[:REUSE_CHUNK], text[5 : REUSE_CHUNK + 5])  # too short to search: only the head counts

@@ -14,7 +14,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from .. import catalog, tasks
-from ..engine import Engine, Handle
+from ..engine import Engine
+from ..handles import Handle
 from ..llama import Model
 from ..errors import BusyError, InputError, RefactGGUFError
 from ..tasks import Completion, Task

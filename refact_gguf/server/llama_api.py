@@ -14,7 +14,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import Field
 
 from .. import __version__, tasks
-from ..engine import LATENCY_BUCKETS
+from ..handles import LATENCY_BUCKETS
 from ..errors import InputError
 from ..tasks import Completion, Sampling, StopRules, Task
 from ..tokens import CHAT_TEMPLATE
