@@ -166,7 +166,7 @@ def test_health_answers_while_a_huge_tokenize_runs(url_small):
 
 
 @pytest.mark.parametrize("field, value", [("grammar", "root ::= \"x\""), ("json_schema", {"type": "object"}),
-                                           ("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}])])
+                                           ("response_format", {"type": "json_object"}), ("tool_choice", "required")])
 def test_constraints_this_server_cannot_honour_are_refused_by_name(url_small, field, value):
     for path, body in (("/completion", {"prompt": "x", "n_predict": 1}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})):
@@ -175,6 +175,23 @@ def test_constraints_this_server_cannot_honour_are_refused_by_name(url_small, fi
     ok = httpx.post(f"{url_small}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
                                                              "response_format": {"type": "text"}, "tools": []})
     assert ok.status_code == 200
+
+
+def test_tools_offered_but_not_required_get_a_plain_text_answer(url_small):
+    """Agents (Continue's among them) offer tools on every turn; the model may answer in text, as
+    one that chose to call none. Required (`tool_choice: required` or a named function): refused."""
+    tool = {"type": "function", "function": {"name": "read_file", "description": "Read a file",
+                                             "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "tools": [tool]}
+    for extra in ({}, {"tool_choice": "auto"}, {"tool_choice": "none"}):
+        r = httpx.post(f"{url_small}/v1/chat/completions", json={**chat, **extra})
+        assert r.status_code == 200 and "tool_calls" not in r.json()["choices"][0]["message"], r.text
+    r = httpx.post(f"{url_small}/api/chat", json={"model": "m", "messages": chat["messages"], "tools": [tool], "stream": False,
+                                                  "options": {"num_predict": 2}})
+    assert r.status_code == 200, r.text
+    named = {"type": "function", "function": {"name": "read_file"}}
+    r = httpx.post(f"{url_small}/v1/chat/completions", json={**chat, "tool_choice": named})
+    assert r.status_code == 400 and "tool_choice" in r.json()["error"]["message"]
 
 
 @pytest.fixture(scope="module")

@@ -116,9 +116,9 @@ class _Body(BaseModel):
         return _valid_text(data)
 
 
-# Fields that constrain or restructure the answer (grammars, JSON output, tool calls): silently
-# ignoring them would hand back an answer of another shape than the one asked for.
-CONSTRAINTS = ("grammar", "json_schema", "response_format", "tools", "tool_choice", "functions", "format")
+# Fields that constrain or restructure the answer (grammars, JSON output, a required tool call):
+# silently ignoring them would hand back an answer of another shape than the one asked for.
+CONSTRAINTS = ("grammar", "json_schema", "response_format", "tool_choice", "tools", "functions", "format")
 
 
 class _Request(_Body):
@@ -128,9 +128,14 @@ class _Request(_Body):
     @classmethod
     def _unsupported(cls, data):
         if isinstance(data, dict):
+            # Tools offered but not required (agents such as Continue's offer them on every turn): a
+            # plain-text answer is one the caller accepts, as from a model that chose not to call any.
+            optional = data.get("tool_choice", data.get("function_call")) in (None, "auto", "none")
             for name in CONSTRAINTS:
                 value = data.get(name)
                 if value in (None, "", [], {}) or (name == "response_format" and value == {"type": "text"}):
+                    continue
+                if optional and name in ("tools", "functions", "tool_choice"):
                     continue
                 raise InputError(f"{name}: not supported by this server (it generates plain text)", "leave it out")
         return data
