@@ -69,7 +69,7 @@ class RichProgress(Progress):
 def llama_output(verbose: bool) -> None:
     """What a command shows of llama.cpp: its raw log on stderr only with --verbose, and a
     warning when the installed build is known to crash or run slow on this machine."""
-    from .llama_log import logger
+    from .loader import logger
     from .loader import build_problems
 
     if verbose and not any(isinstance(h, RichHandler) for h in logger.handlers):

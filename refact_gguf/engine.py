@@ -420,33 +420,64 @@ class Engine:
     def step(self) -> None:
         """One llama_decode: a token for each generating slot, prompt chunks for the others, in
         the rows `layout.plan` lays out; then each answering row's token is picked and accepted."""
-        ctx, batch = self.ctx, self.ctx.batch
         now = time.perf_counter()
+        self._expire(now)
+        if not self._active or self._draft(now):
+            return
+        people = any(not h.background for h in self._active.values())
+        rows = self._plan(people)
+        answers, n_outputs = self._lay_out(rows)
+        t0 = time.perf_counter()
+        # Background work gives its step up the moment a person's request comes in.
+        done = self.ctx.run(self.ctx.batch, stop_if=(lambda: bool(self._waiting)) if not people else None)
+        decode_s = time.perf_counter() - t0
+        self._trim(rows, done)
+        if not done:
+            self.stats.background_stopped += 1
+            return
+        self._advance(rows, decode_s)
+        self._pick(answers, self.ctx.logits(n_outputs))
+        busy = [r for r in rows if r.kind != "filler"]
+        if self.drafter and len(busy) == 1 and busy[0].kind == "token":
+            self.drafter.lone_step(decode_s)  # a lone sequence's one-token step: what a verify step is weighed against
+        self.stats.fillers += len(rows) - len(busy)
+        self.stats.count_step(self.ctx.batch.n, decode_s, time.perf_counter() - now)
+
+    def _expire(self, now: float) -> None:
+        """Cancelled tasks, and prompts past their time, leave before the step."""
         for slot, handle in list(self._active.items()):
             if handle.cancelled:
                 self._done(slot, slot.finish("cancelled"))
             elif slot.prompt_overdue(now):
                 self._done(slot, slot.finish("time"))
-        if not self._active:
-            return
-        if self.drafter and len(self._active) == 1 and not self._waiting:
-            (slot, handle), = self._active.items()
-            if slot.generating and slot.greedy and not handle.background and (v := self.drafter.step(ctx, slot)):
-                self.stats.draft_tokens += v.drafted
-                self.stats.draft_accepted += v.kept
-                self.stats.count_step(v.batch_tokens, v.decode_s, time.perf_counter() - now)
-                if v.done is not None:
-                    self._done(slot, v.done)
-                return
-        people = any(not h.background for h in self._active.values())
+
+    def _draft(self, now: float) -> bool:
+        """A lone greedy request's verify step instead of a plain one, where the drafter finds it pays."""
+        if not self.drafter or len(self._active) != 1 or self._waiting:
+            return False
+        (slot, handle), = self._active.items()
+        if not (slot.generating and slot.greedy and not handle.background and (v := self.drafter.step(self.ctx, slot))):
+            return False
+        self.stats.draft_tokens += v.drafted
+        self.stats.draft_accepted += v.kept
+        self.stats.count_step(v.batch_tokens, v.decode_s, time.perf_counter() - now)
+        if v.done is not None:
+            self._done(slot, v.done)
+        return True
+
+    def _plan(self, people: bool) -> list[layout.Row]:
         # Background prompts together: one ubatch of a step people wait on (a quarter of one did not
         # finish whole files under back-to-back typing), ~1 s of prompt of a step nobody waits on.
-        rows = layout.plan(self._layout_view(), layout.Room(
-            batch.capacity, ctx.n_ubatch, self.full_batches,
+        ctx = self.ctx
+        return layout.plan(self._layout_view(), layout.Room(
+            ctx.batch.capacity, ctx.n_ubatch, self.full_batches,
             ctx.n_ubatch if people else max(32, int((self.prompt_rate or 0) * BACKGROUND_STEP_S)), len(self.slots)))
+
+    def _lay_out(self, rows: list[layout.Row]) -> tuple[list[tuple[Slot, int, int]], int]:
+        """The batch from the rows: each answering row's (slot, logits row, batch row), and the outputs."""
+        batch = self.ctx.batch
         batch.clear()
-        answers: list[tuple[Slot, int, int]] = []  # (slot, logits row, batch row) of each answering row
-        n_outputs = 0
+        answers, n_outputs = [], 0
         for r in rows:
             slot = self._sequences[r.seq]
             if r.kind == "token":
@@ -458,19 +489,18 @@ class Engine:
             if r.answer:
                 answers.append((slot, n_outputs, row))
             n_outputs += r.output
-        t0 = time.perf_counter()
-        # Background work gives its step up the moment a person's request comes in.
-        done = ctx.run(batch, stop_if=(lambda: bool(self._waiting)) if not people else None)
-        t1 = time.perf_counter()
+        return answers, n_outputs
+
+    def _trim(self, rows: list[layout.Row], done: bool) -> None:
+        # Fillers leave no trace. A step given up keeps in the cache the ubatches llama.cpp had
+        # finished, which no slot counted: they go too, or the next step's positions would not
+        # follow the cache's (llama_decode refuses that batch, failing every task in it).
         for r in rows:
-            # Fillers leave no trace. A step given up keeps in the cache the ubatches llama.cpp had
-            # finished, which no slot counted: they go too, or the next step's positions would not
-            # follow the cache's (llama_decode refuses that batch, failing every task in it).
             if r.kind == "filler" or not done:
-                ctx.seq_keep(r.seq, self._sequences[r.seq].n_cached)
-        if not done:
-            self.stats.background_stopped += 1
-            return
+                self.ctx.seq_keep(r.seq, self._sequences[r.seq].n_cached)
+
+    def _advance(self, rows: list[layout.Row], decode_s: float) -> None:
+        """What the step put in the cache is counted by its slots; a prompt step measures the prompt rate."""
         prompts = [(self._sequences[r.seq], r.n) for r in rows if r.kind == "prompt"]
         self.stats.background_tokens += sum(n for slot, n in prompts if self._active[slot].background)
         for r in rows:
@@ -478,15 +508,9 @@ class Engine:
                 self._sequences[r.seq].token_done()
         for slot, n in prompts:
             slot.prompt_done(n)
-        self._pick(answers, ctx.logits(n_outputs))
         if sum(n for _, n in prompts) >= 16:  # a prompt step: how fast prompts go now
-            rate = batch.n / (t1 - t0)
+            rate = self.ctx.batch.n / decode_s
             self.prompt_rate = rate if self.prompt_rate is None else 0.7 * self.prompt_rate + 0.3 * rate
-        busy = [r for r in rows if r.kind != "filler"]
-        if self.drafter and len(busy) == 1 and busy[0].kind == "token":
-            self.drafter.lone_step(t1 - t0)  # one sequence's one token (and, on a GPU, a filler for each other slot)
-        self.stats.fillers += len(rows) - len(busy)
-        self.stats.count_step(batch.n, t1 - t0, time.perf_counter() - now)
 
     def _layout_view(self) -> list[layout.Sequence]:
         """Every sequence as `layout.plan` sees it."""

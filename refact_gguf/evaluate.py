@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .llama import Context, Model
+from .llama import Context
 from .errors import RefactGGUFError
 from .progress import Progress
+from .select import open_model
 
 EVAL_SAMPLE = ("ast.py", "base64.py", "copy.py", "glob.py", "gzip.py", "inspect.py", "ipaddress.py", "operator.py",
                "pprint.py", "queue.py", "random.py", "shutil.py", "tempfile.py", "tokenize.py")
@@ -82,7 +83,7 @@ def evaluate(reference: Path, models: list[Path], corpus: Path | None = None, n_
     """Compare each of `models` with `reference` on the same token chunks and FIM tasks."""
     progress = progress or Progress()
     texts = corpus_texts(corpus)
-    with Model(reference) as ref_model:
+    with open_model(reference, 0) as ref_model:
         ids = [t for text in texts for t in ref_model.tokenize(text)]
         n = min(n_chunks, len(ids) // chunk)
         if n == 0:
@@ -110,7 +111,6 @@ def _score_ctx(chunk: int) -> int:
 
 def _score(path: Path, ref_lp: np.ndarray, chunks: np.ndarray, tasks: list[FimTask], threads, progress: Progress) -> QualityResult:
     from .runtime import Runtime
-    from .select import open_model
 
     n, chunk = chunks.shape
     pos = np.arange(chunk - 1)

@@ -3,24 +3,31 @@
 A truncated or foreign file must be a clear error, never a segfault inside llama.cpp; and a
 llama.cpp built with AMX segfaults on AMX CPUs for K-quants (llama.cpp#20824), so such a build
 loads with the extra (repacking) buffer types off.
+
+llama.cpp's own log (hundreds of lines per load or quantization) is routed into Python from the
+moment the library is loaded: each complete line goes to the `refact_gguf.llama` logger (silent
+unless the CLI's --verbose attaches a handler) and to any listener registered with `listen()` —
+that is how quantization progress and llama.cpp's error messages reach the user.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import math
 import platform
 import struct
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import gguf
 import llama_cpp
 import numpy as np
 
-from . import llama_log
 from .catalog import HYPERPARAMETER_RANGES
 from .errors import ModelFileError
 
@@ -312,7 +319,7 @@ def load_model(path: Path, n_gpu_layers: int = 0, vocab_only: bool = False) -> c
     """Validate, then load; returns llama.cpp's model pointer (free with llama_model_free)."""
     inspect(path)
     llama_cpp.llama_backend_init()
-    with llama_log.capture_errors() as errors:
+    with capture_errors() as errors:
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params(n_gpu_layers, vocab_only))
     if not model:
         # llama.cpp's last line is a generic "failed to load model"; the reason came earlier
@@ -350,3 +357,64 @@ if __name__ == "__main__":
     for issue in issues:
         print(f"llama.cpp build problem: {issue}", file=sys.stderr)
     sys.exit(3 if issues else 0)
+
+
+# ---------------------------------------------------------------------------------- llama.cpp's log
+
+logger = logging.getLogger("refact_gguf.llama")
+logger.addHandler(logging.NullHandler())
+logger.propagate = False
+
+# enum ggml_log_level (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the
+# previous line). llama-cpp-python's own table predates DEBUG and is off by one.
+_LEVELS = {0: logging.INFO, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+Listener = Callable[[int, str], None]  # (logging level, line without newline)
+
+_lock = threading.Lock()
+_listeners: list[Listener] = []
+_pending = {"level": logging.INFO, "text": ""}
+
+
+def _emit(level: int, line: str) -> None:
+    logger.log(level, line)
+    for listener in list(_listeners):
+        listener(level, line)
+
+
+@llama_cpp.llama_log_callback
+def _callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    with _lock:
+        if level != 5:
+            _pending["level"] = _LEVELS.get(level, logging.INFO)
+        _pending["text"] += text.decode("utf-8", errors="replace")
+        *lines, _pending["text"] = _pending["text"].split("\n")
+        lvl = _pending["level"]
+    for line in lines:
+        _emit(lvl, line)
+
+
+def install() -> None:
+    """Take llama.cpp's log over (replaces llama-cpp-python's stderr printer). Idempotent."""
+    llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+
+
+@contextmanager
+def listen(listener: Listener) -> Iterator[None]:
+    """Call `listener(level, line)` for each llama.cpp log line inside the block."""
+    install()
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+@contextmanager
+def capture_errors() -> Iterator[list[str]]:
+    """Collect llama.cpp's warning and error lines, to put in our own error messages."""
+    lines: list[str] = []
+    with listen(lambda level, line: lines.append(line.strip()) if level >= logging.WARNING and line.strip() else None):
+        yield lines
+
+
+install()

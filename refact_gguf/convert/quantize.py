@@ -10,7 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .. import llama, llama_log
+from .. import llama
+from ..loader import capture_errors, listen
 from ..catalog import Quant
 from ..errors import QuantizeError
 
@@ -65,7 +66,7 @@ def quantize(
         if m := _TENSOR_LINE.match(line):
             on_tensor(int(m[1]), int(m[2]))
 
-    with atomic_output(out) as tmp, llama_log.capture_errors() as errors, llama_log.listen(progress):
+    with atomic_output(out) as tmp, capture_errors() as errors, listen(progress):
         with _exit_on_ctrl_c(tmp):
             done = llama.quantize(base, tmp, quant.ftype, threads or os.cpu_count() or 1, importance, metadata)
         if not done:
