@@ -9,12 +9,8 @@ client that goes away can never race a decode.
 
 Admission: a waiting task goes to the idle slot whose cache shares the longest prefix of its
 prompt ids (the same file, one keystroke later), else to the least recently used slot. With a
-`PromptCache`, a slot's cache is saved (in memory) before a prompt of another file overwrites it,
-and a saved state is restored into a slot only when that pays: the prompt tokens it spares,
-at the measured prompt rate, take longer than moving its bytes at the measured restore rate (from
-memory or from disk). A person typing on in one file keeps their live slot: no save, no restore.
-When the engine idles, states not yet on disk are written there (once per file and idle period),
-so they survive a restart.
+`PromptCache`, `SlotStates` saves a slot's cache before another file overwrites it and restores a
+saved state only where that pays (slot_states.py); when the engine idles, states reach the disk.
 
 Cold files: a request whose prompt cannot be in by its budget (its own tokens and those queued
 ahead, at the measured rate) is answered from the lines around the cursor on a scratch sequence
@@ -41,13 +37,13 @@ from .handles import LATENCY_BUCKETS, Handle, Stats
 from .llama import Context, Model
 from .layout import REUSE_CHUNK
 from .prompt_cache import PromptCache
+from .slot_states import SlotStates
 from .runtime import OnText, Slot
 from .tasks import Completion, Task
 
 
 SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk
 BACKGROUND_STEP_S = 1.0  # a step of background prefill lasts about this long (a request arriving stops it, losing it)
-RESTORE_RATE = {True: 2e9, False: 3e8}  # bytes a second of a restore from memory / from disk, until measured
 MAX_BACKGROUND = 8  # files whose full prompt waits to be evaluated in the background
 SHORT_SHARE = 0.6  # of a prompt budget, what a short prompt may take (the rest: slack, and the first tokens)
 SHORT_FOR_AT_MOST_S = 2.0  # a file answered short this long waits for its full prompt on its next keystroke
@@ -76,9 +72,6 @@ class Engine:
         # Short answers run here, so a cold file's full prompt keeps its slot and its progress.
         self.scratch = [Slot(self.ctx, seq) for seq in range(parallel, parallel + n_scratch)]
         self._sequences = self.slots + self.scratch  # by sequence id
-        self._restore_rate = dict(RESTORE_RATE)
-        if cache is not None:
-            cache.bind(self.ctx.state_layout)
         # Each person's keystroke resends a prefix and a suffix the tokenizer has seen: keep theirs.
         model.token_cache.size = max(model.token_cache.size, 3 * parallel)
         self.max_queue = max_queue
@@ -89,6 +82,7 @@ class Engine:
         # compute: only the gaps between busy slots are filled.
         self.full_batches = model.n_gpu_layers > 0 if full_batches is None else full_batches
         self.stats = Stats()
+        self.states = SlotStates(self.ctx, cache, self.stats) if cache is not None else None
         self._waiting: deque[Handle] = deque()
         self._background: deque[Handle] = deque()  # newest last: served first
         self._active: dict[Slot, Handle] = {}  # in admission order: prompts are filled first come, first served
@@ -172,9 +166,8 @@ class Engine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
-        if self.cache is not None:
-            self._snapshot(idle=False)  # background work under way included: a restart goes on from there
-            self.cache.close()
+        if self.states is not None:
+            self.states.close(self.slots)  # background work under way included: a restart goes on from there
         for slot in self._sequences:
             slot.close()
         self.ctx.close()
@@ -192,7 +185,7 @@ class Engine:
             with self._cond:
                 idle = False
                 if not (self._closing or self._waiting or self._active or self._background):
-                    unsaved = self._unsaved() or (self.cache is not None and self.cache.unflushed)
+                    unsaved = self.states is not None and self.states.pending(self.slots)
                     idle = not self._cond.wait(SNAPSHOT_AFTER_S if unsaved else None)
                 if self._closing:
                     for h in [*self._waiting, *self._active.values()]:
@@ -204,7 +197,8 @@ class Engine:
                     continue
             try:
                 if idle:
-                    self._snapshot()
+                    if self.states is not None:
+                        self.states.snapshot(self.slots)
                     continue
                 self.tick()
             except Exception as e:  # noqa: BLE001 - our own bug: fail what is under way, keep serving
@@ -219,58 +213,6 @@ class Engine:
                     self.stats.errors += 1
                     h._finish(error=error)
 
-    def _unsaved(self, idle: bool = True) -> list[Slot]:
-        """(Idle) slots whose cache changed since it was last saved."""
-        if self.cache is None or self.cache.directory is None:
-            return []
-        return [s for s in self.slots if not (idle and s.busy) and s.unsaved]
-
-    def _snapshot(self, idle: bool = True) -> None:
-        """Write (idle) slots' caches to disk (they stay live too), and the states saved in memory
-        since the last time: a restart finds them there."""
-        for slot in self._unsaved(idle):
-            self._save(slot, memory=False)
-        if self.cache is not None:
-            self.cache.flush()
-
-    def _save(self, slot: Slot, memory: bool = True) -> None:
-        if slot.unsaved:
-            self.cache.put(slot.cached[: slot.n_cached], self.ctx.seq_state(slot.seq), memory)
-            slot.saved_edits = slot.edits
-            self.stats.cache_saves += 1
-
-    def _bring(self, slot: Slot, task: Task) -> None:
-        """Before `slot` takes `task`: if the prompt will overwrite much of the slot's cache, save
-        that first (another file, which its person may come back to); if a saved state spares more
-        prompt time than restoring it costs, restore it."""
-        if self.cache is None or not task.reuse_cache or task.short_context:
-            return
-        prompt = np.asarray(task.prompt, np.int32)
-        kept = slot.reusable(prompt)  # what the slot keeps by itself, shifted runs included
-        saved, n = self.cache.best(prompt)
-        restore = saved is not None and n - kept >= REUSE_CHUNK and self._restore_pays(saved, n - kept)
-        if restore or slot.n_cached - kept >= REUSE_CHUNK:
-            self._save(slot)
-        if restore:
-            in_memory, t0 = saved.state is not None, time.perf_counter()
-            state = self.cache.load(saved)
-            if state is not None and self.ctx.seq_restore(slot.seq, state, len(saved.tokens)):
-                slot.holds(saved.tokens)
-                self.stats.cache_restores += 1
-                rate = len(state) / max(time.perf_counter() - t0, 1e-6)
-                self._restore_rate[in_memory] = 0.7 * self._restore_rate[in_memory] + 0.3 * rate
-            else:
-                slot.clear()
-                if state is not None:  # llama.cpp refused it, or it restored something else: never again
-                    self.cache.discard(saved)
-                    self.stats.cache_refused += 1
-
-    def _restore_pays(self, saved, tokens: int) -> bool:
-        """Restoring `saved` takes less time than evaluating the `tokens` it would spare."""
-        if self.prompt_rate is None:
-            return True
-        return tokens / self.prompt_rate > saved.size / self._restore_rate[saved.state is not None]
-
     def tick(self) -> None:
         """Admit what waits, then one step. The engine thread's loop body; tests call it directly
         (on an engine that was not started) to replay an exact interleaving."""
@@ -281,7 +223,8 @@ class Engine:
             shortened = False
             for slot, handle in admitted:
                 try:
-                    self._bring(slot, handle.task)
+                    if self.states is not None:
+                        self.states.bring(slot, handle.task, self.prompt_rate)
                     slot.start(handle.task, handle.on_text)
                     self._active[slot] = handle
                     if self._late(slot, handle.task):
@@ -350,7 +293,7 @@ class Engine:
             if wanted <= 0:
                 break
             if not any(layout.same_file(handle.task.prompt, p) for p in full):
-                self._save(slot)
+                self.states.save(slot)
                 slot.release()
                 del self._active[slot]
                 with self._cond:
