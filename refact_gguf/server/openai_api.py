@@ -35,6 +35,10 @@ class _OpenAIRequest(_Request):
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
+    def sampling(self) -> Sampling:
+        """The request's sampling (`temperature`: each kind of request has its own default)."""
+        return Sampling(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+
     def limit(self, service: Service, default: int) -> int:
         """The tokens to generate: what the request asks (0 is refused), else `default`."""
         asked = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -103,7 +107,7 @@ async def completions(body: CompletionRequest, request: Request):
         raise InputError(f"{'echo' if body.echo else 'logprobs'}: not supported by this server", "leave it out")
     max_tokens = body.limit(service, 16)
     start = time.perf_counter()
-    sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+    sampling = body.sampling()
 
     def build() -> Task:
         if body.suffix is not None:
@@ -132,7 +136,7 @@ async def chat_completions(body: ChatRequest, request: Request):
         raise InputError("logprobs: not supported by this server", "leave it out")
     max_tokens = body.limit(service, min(512, service.limits.max_predict))
     messages = [m.message() for m in body.messages]
-    sampling = Sampling(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+    sampling = body.sampling()
 
     def build() -> Task:
         return service.chat(messages, max_tokens=max_tokens, sampling=sampling, stop=body.stops())
