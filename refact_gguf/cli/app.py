@@ -10,7 +10,7 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
 from ..console import err, out
@@ -24,9 +24,24 @@ _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Usage
 ORDER = ("convert", "run", "chat", "recommend", "quickstart", "serve", "bench", "eval", "pull", "list", "version", "rm")
 
 
+def _flag(option):
+    """--help without the `<bool>` typer prints after a flag (our own flags set metavar="")."""
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
+class _Command(TyperCommand):
+    def get_help_option(self, ctx):
+        return _flag(super().get_help_option(ctx))
+
+
 class _FormattedErrors(TyperGroup):
     """Formats errors once for every command: one line, the next step, exit 1 (2 for a bad
     command line, as Click's own boxes did)."""
+
+    def get_help_option(self, ctx):
+        return _flag(super().get_help_option(ctx))
 
     def list_commands(self, ctx) -> list[str]:
         """In the order of a user's day, not the order the modules register them."""
@@ -58,6 +73,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
+
+
+def command(name: str | None = None, **kw):
+    """`app.command`, for a command whose help is formatted as the others'."""
+    return app.command(name, cls=_Command, **kw)
 
 # ---------------------------------------------------------------------------- shared options
 

@@ -10,10 +10,10 @@ from rich.markup import escape
 
 from ..console import RichProgress, err, llama_output
 from ..errors import RefactGGUFError
-from .app import GpuLayers, ModelRef, QuantDir, QuantPick, Threads, Verbose, _choices, _models, app
+from .app import GpuLayers, ModelRef, QuantDir, QuantPick, Threads, Verbose, _choices, _models, command
 
 
-@app.command()
+@command()
 def bench(
     model: ModelRef = None,
     quant: QuantPick = None,
@@ -75,7 +75,7 @@ def bench(
            f"{r.peak_rss_mb:.0f}") for r in results])
 
 
-@app.command("eval")
+@command("eval")
 def evaluate(
     quant: QuantPick = "all",
     directory: QuantDir = None,

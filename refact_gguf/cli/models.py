@@ -9,10 +9,10 @@ import typer
 from rich.markup import escape
 
 from ..console import RichProgress, err, llama_output, out
-from .app import CtxSize, QuantList, Threads, Verbose, app
+from .app import CtxSize, QuantList, Threads, Verbose, command
 
 
-@app.command()
+@command()
 def convert(
     source: Annotated[str, typer.Argument(help="HF checkpoint directory (config.json, *.safetensors or pytorch_model.bin, tokenizer.json), or a Hub repo id such as smallcloudai/Refact-1_6B-fim (downloaded into the HF cache: resumable, verified, offline once cached).")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Directory for the GGUF files (default: here for a directory; for a repo id, where run and serve find them).")] = None,
@@ -58,7 +58,7 @@ def convert(
         out.print(str(path))
 
 
-@app.command()
+@command()
 def recommend(
     ctx_size: CtxSize = 4096,
     gpu: Annotated[bool, typer.Option("--gpu", metavar="", help="Size for free GPU memory (NVIDIA) instead of RAM.")] = False,
@@ -109,7 +109,7 @@ def recommend(
         out.print(best.name)
 
 
-@app.command()
+@command()
 def pull(
     name: Annotated[Optional[str], typer.Argument(help="Quant name (case-insensitive), e.g. Q4_K_M. Default: what `recommend` picks here.")] = None,
     local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="Download into this directory instead of the HF cache.")] = None,
@@ -151,7 +151,7 @@ def pull(
     out.print(str(path))
 
 
-@app.command("list")
+@command("list")
 def list_quants(
     ctx_size: Annotated[int, typer.Option("--ctx", min=64, help="Context length the fit is judged for.")] = 4096,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON instead of a table.")] = False,
@@ -200,7 +200,7 @@ def list_quants(
          left=("fits", "pulled", "fidelity", "HumanEval"))
 
 
-@app.command()
+@command()
 def version(as_json: Annotated[bool, typer.Option("--json", metavar="", help="One JSON object, for scripts and bug reports.")] = False) -> None:
     """What is installed: refact-gguf, llama.cpp's library and its build (CPU features, GPU
     backend), AMX on this CPU and in the build, and any known problem with the build here.
@@ -225,7 +225,7 @@ def version(as_json: Annotated[bool, typer.Option("--json", metavar="", help="On
         out.print(f"{key}: {'none' if shown in ('', None) else shown}")
 
 
-@app.command("rm")
+@command("rm")
 def remove(name: Annotated[str, typer.Argument(help="Quant name, e.g. Q4_K_M.")]) -> None:
     """Remove a pulled quant from the cache.
 

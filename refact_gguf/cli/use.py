@@ -10,10 +10,10 @@ from rich.markup import escape
 
 from ..console import RichProgress, err, llama_output, out, server_log
 from .app import (CtxSize, GpuLayers, MaxTokens, ModelRef, Temperature, Threads, Verbose, _loopback, _report,
-                  _runtime, app)
+                  _runtime, command)
 
 
-@app.command()
+@command()
 def run(
     prompt: Annotated[Optional[str], typer.Argument(help="Text to continue (plain completion). Omit with --fim.")] = None,
     fim_mode: Annotated[bool, typer.Option("--fim", metavar="", help="Fill in the middle between a prefix and a suffix.")] = False,
@@ -68,7 +68,7 @@ def run(
     _report(result)
 
 
-@app.command()
+@command()
 def chat(
     message: Annotated[Optional[str], typer.Option("--message", help="Ask one question, print the answer, exit.")] = None,
     system: Annotated[str, typer.Option("--system", help="System prompt.")] = "You are a programming assistant",
@@ -118,7 +118,7 @@ def chat(
                 return
 
 
-@app.command()
+@command()
 def quickstart(
     threads: Threads = None,
     verbose: Verbose = False,
@@ -161,7 +161,7 @@ def quickstart(
                   soft_wrap=True)
 
 
-@app.command()
+@command()
 def serve(
     model: ModelRef = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
