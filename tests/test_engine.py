@@ -232,3 +232,14 @@ def test_a_lone_request_decodes_alone_in_the_gpu_layout_and_its_steps_are_measur
         assert engine.stats.fillers == 0 and engine.drafter.lone_step_s is not None
         drive(engine, [engine.submit(Task(list(sample_tokens[:20]), 8)), engine.submit(Task(list(sample_tokens[40:60]), 8))])
         assert engine.stats.fillers > 0  # two at once: a row for every person's slot, the idle third too
+
+
+def test_drafting_is_off_where_layers_are_offloaded(converted_f32):
+    """On a GPU a verify step's rows take other kernels than a one-token step's, so drafting could
+    change the greedy text (llama.cpp#27407): an engine on an offloaded model does not draft."""
+    from refact_gguf.llama import Model
+
+    with Model(converted_f32.base, n_gpu_layers=1) as offloaded, Engine(offloaded, n_ctx=N_CTX, threads=2, draft=4) as engine:
+        assert engine.drafter is None
+    with Model(converted_f32.base) as on_cpu, Engine(on_cpu, n_ctx=N_CTX, threads=2, draft=4) as engine:
+        assert engine.drafter is not None
