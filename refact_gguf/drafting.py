@@ -2,11 +2,8 @@
 own context (`layout.draft`) and verified in one llama_decode; the drafted tokens greedy decoding
 picks too are kept, the rest trimmed from the cache, so the text is the one a token a step gives.
 
-Only where it is exact: at start, `exact` checks that a verify step computes, row for row, the
-logits one-token steps compute on this backend and quant type (they can sum in another order: on a
-2-core EPYC, Q4_K_M's repacked kernels differ from 2 rows on and Q8_0's do not; CUDA's differ from 2
-rows on, llama.cpp#27407). Gated by what it costs here, measured as it runs: a one-token step of a
-lone sequence, and a verify step by the number of tokens drafted. A draft goes in only where the tokens the request is expected
+Gated by what it costs here, measured as it runs: a one-token step of a lone sequence, and a verify
+step by the number of tokens drafted. A draft goes in only where the tokens the request is expected
 to keep pay for the longer step (on 2 CPU cores a 3-token step costs 2.1–2.4× a one-token step:
 docs/benchmarks.md); where they do not, one step in 16 still drafts, as what is typed may start
 repeating the file.
@@ -37,29 +34,6 @@ class Verified:
     batch_tokens: int
     decode_s: float
     done: Completion | None
-
-
-def exact(ctx: Context, k: int, depth: int = 64) -> bool:
-    """Whether steps of 2 to 1 + k rows give each row bit for bit the logits that one-token steps
-    give (on sequence 0 of a fresh `ctx`, emptied again)."""
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(100, ctx.model.n_vocab - 100, depth + 1 + k).tolist()
-    ctx.decode(tokens[:depth])
-    batch, alone = ctx.batch, []
-    for i in range(1 + k):
-        batch.clear()
-        batch.add(0, tokens[depth + i : depth + i + 1], depth + i, output_all=True)
-        ctx.run(batch)
-        alone.append(ctx.logits(1)[0].copy())
-    same = True
-    for n in range(2, 2 + k):
-        ctx.seq_keep(0, depth)
-        batch.clear()
-        batch.add(0, tokens[depth : depth + n], depth, output_all=True)
-        ctx.run(batch)
-        same = same and np.array_equal(ctx.logits(n), np.stack(alone[:n]))
-    ctx.reset()
-    return same
 
 
 class Drafter:

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import layout
 from .cores import FreeCores
-from .drafting import Drafter, exact
+from .drafting import Drafter
 from .errors import BusyError, InputError, RefactGGUFError
 from .handles import LATENCY_BUCKETS, Handle, Stats
 from .llama import Context, Model
@@ -61,11 +61,11 @@ class Engine:
         if parallel + n_scratch > n_batch:
             raise InputError(f"--parallel {parallel} is more than a batch of {n_batch} tokens can serve")
         self.model = model
-        self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, threads=threads, n_seq_max=parallel + n_scratch)
         # Drafting (a lone greedy request, drafting.py) keeps the greedy text only where a verify
-        # step's logits equal one-token steps': checked here, and never on a GPU (CUDA's kernels for
-        # 2+ rows differ in the last bits, llama.cpp#27407: the stand-in's text changed on an H200).
-        self.drafter = Drafter(draft) if draft and not model.n_gpu_layers and exact(self.ctx, draft) else None
+        # step's logits equal a one-token step's: on CUDA, rows of 2+ take other kernels and differ in
+        # the last bits (llama.cpp#27407); there the stand-in's text changed, and nothing was gained.
+        self.drafter = Drafter(draft) if draft and not model.n_gpu_layers else None
+        self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, threads=threads, n_seq_max=parallel + n_scratch)
         self._cores = FreeCores(self.ctx.threads) if threads is None else None  # None: as many as are free
         self.n_ctx = self.ctx.n_ctx
         self.slots = [Slot(self.ctx, seq) for seq in range(parallel)]  # one a person at a time
