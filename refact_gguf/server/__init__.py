@@ -191,7 +191,7 @@ def serve(model_path, host: str = "127.0.0.1", port: int = 8012, keys: ApiKeys |
             Engine(model, n_ctx=n_ctx, parallel=parallel, threads=threads, max_queue=limits.max_queue, draft=draft,
                    cache=cache).start() as engine:
         if draft and engine.drafter is None:
-            log.warning("--draft is off on a GPU: it could change the greedy text there (docs/benchmarks.md)")
+            log.warning("--draft is off on a GPU: there it changed the greedy text and gained nothing (docs/benchmarks.md)")
         app = create_app(engine, model_path.name, keys, limits, cors_origins, log_requests)
         server = _GracefulServer(uvicorn_config(app, limits), engine)
         if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP"):
