@@ -76,10 +76,11 @@ class Engine:
         model.token_cache.size = max(model.token_cache.size, 3 * parallel)
         self.max_queue = max_queue
         self.cache = cache
-        # On a GPU a row costs next to nothing but a change of batch shape costs a new compute
-        # graph: every step then decodes one row per slot (fillers for idle ones) and reads every
-        # row's logits, so llama.cpp reuses its graph from step to step. On a CPU each row costs
-        # compute: only the gaps between busy slots are filled.
+        # On a GPU a change of batch shape costs a new compute graph: while several are busy every
+        # step decodes one row per person's slot (fillers for idle ones) and reads every row's
+        # logits, so llama.cpp reuses its graph from step to step; a lone sequence decodes alone (a
+        # second row costs a step ~40%: layout.plan). On a CPU each row costs compute: only the
+        # gaps between busy slots are filled.
         self.full_batches = model.n_gpu_layers > 0 if full_batches is None else full_batches
         self.stats = Stats()
         self.states = SlotStates(self.ctx, cache, self.stats) if cache is not None else None

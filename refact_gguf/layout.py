@@ -45,7 +45,7 @@ class Room:
 
     capacity: int  # tokens a batch holds
     n_ubatch: int
-    every_row: bool  # a row for every sequence and every row an output (GPU: one graph, step after step)
+    every_row: bool  # while several are busy, a row for every sequence and every row an output (GPU: one graph)
     background: int  # tokens all background prompts together may take in this step (their share)
     people: int | None = None  # with every_row: the first this many sequences (people's slots) have a
     # row whenever two or more are busy; those after them (scratch sequences for short answers, idle
