@@ -38,8 +38,8 @@ from .llama import Context, Model
 from .layout import REUSE_CHUNK
 from .prompt_cache import PromptCache
 from .slot_states import SlotStates
-from .runtime import OnText, Slot
-from .tasks import Completion, Task
+from .runtime import Slot
+from .tasks import Completion, OnText, Task
 
 
 SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk

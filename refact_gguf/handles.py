@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import RefactGGUFError
-from .runtime import OnText
-from .tasks import Completion, Task
+from .tasks import Completion, OnText, Task
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds, for /metrics
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import codecs
 import time
-from typing import Callable
 
 import numpy as np
 
@@ -18,9 +17,8 @@ from .cores import FreeCores
 from .errors import InputError
 from .layout import REUSE_CHUNK, common_prefix, reuse_plan
 from .llama import Context, Model, Sampler
-from .tasks import Completion, Task
+from .tasks import Completion, OnText, Task
 
-OnText = Callable[[str], None]
 class Slot:
     """One sequence of a context: the ids its KV cache holds, and the task it runs.
 

@@ -18,6 +18,7 @@ from .errors import InputError
 from .tokens import EMPTY_OUTPUT_ID, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
 Tokenize = Callable[[str], list[int]]
+OnText = Callable[[str], None]  # receives each piece of a completion's text that is final
 
 
 @dataclass(frozen=True, kw_only=True)
