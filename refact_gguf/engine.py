@@ -75,7 +75,6 @@ class Engine:
         # Each person's keystroke resends a prefix and a suffix the tokenizer has seen: keep theirs.
         model.token_cache.size = max(model.token_cache.size, 3 * parallel)
         self.max_queue = max_queue
-        self.cache = cache
         # On a GPU a change of batch shape costs a new compute graph: while several are busy every
         # step decodes one row per person's slot (fillers for idle ones) and reads every row's
         # logits, so llama.cpp reuses its graph from step to step; a lone sequence decodes alone (a
@@ -94,6 +93,11 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ any thread
+
+    @property
+    def cache(self) -> PromptCache | None:
+        """The store of saved states (None: the engine keeps none, and answers nothing short)."""
+        return self.states.cache if self.states is not None else None
 
     def start(self, warmup: bool = True) -> Engine:
         """Start the engine thread, after one decode so the first request pays no one-time setup
