@@ -10,7 +10,7 @@ M=$1; BIN=$2; OLD=${3:-}; ROUNDS=${4:-2}; shift $(( $# < 4 ? $# : 4 )); TYPISTS=
 OUT=${OUT:-/tmp/cpu_team}; mkdir -p "$OUT"
 PY=${PYTHON:-.venv/bin/python}
 export LLAMA_CPP_LIB_PATH=$BIN
-wait_up() { for _ in $(seq 240); do curl -sf "http://127.0.0.1:$1/health" > /dev/null && return 0; sleep 0.5; done; return 1; }
+source "$(dirname "$0")/wait_up.sh"
 
 run() {  # side typists
     local side=$1 n=$2 pid port=8012

@@ -11,7 +11,7 @@ SIDES=${*:-ours ours-t1 ours-t2 llama-server llama-server-t1 llama-server-fa-off
 OUT=${OUT:-/tmp/cpu_threads}; mkdir -p "$OUT"
 PY=${PYTHON:-.venv/bin/python}
 export LLAMA_CPP_LIB_PATH=$BIN
-wait_up() { for _ in $(seq 240); do curl -sf "http://127.0.0.1:$1/health" > /dev/null && return 0; sleep 0.5; done; return 1; }
+source "$(dirname "$0")/wait_up.sh"
 hog=""
 if [ "${LOAD:-0}" = 1 ]; then $PY -c "while True: pass" & hog=$!; fi
 for side in $SIDES; do

@@ -16,7 +16,7 @@ PY=${PYTHON:-.venv/bin/python}
 T=${THREADS:-2}; NGL=${GPU_LAYERS:-0}
 OUT=${OUT:-/tmp/draft_replay}; mkdir -p "$OUT"
 export LLAMA_CPP_LIB_PATH=$BIN
-wait_up() { for _ in $(seq 480); do curl -sf "http://127.0.0.1:$1/health" > /dev/null && return 0; sleep 0.25; done; return 1; }
+source "$(dirname "$0")/wait_up.sh"
 NGRAM="--spec-type ngram-simple --spec-ngram-simple-size-n 3 --spec-ngram-simple-size-m 8"
 
 serve() {  # "ours:K" (--draft K) or "ls:FLAGS" (llama-server), typists

@@ -11,7 +11,8 @@ W=$(mktemp -d); PORT=${PORT:-8013}
 trap 'kill $pid 2>/dev/null; rm -rf "$W"' EXIT
 npm install --silent --prefix "$W" "@continuedev/cli@$V" > /dev/null
 $PY -m refact_gguf serve -m "$M" --port "$PORT" --cache-disk-mb 0 --log-requests > "$W/serve.log" 2>&1 & pid=$!
-for _ in $(seq 240); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 0.5; done
+source "$(dirname "$0")/wait_up.sh"
+wait_up "$PORT" || { echo "the server did not start"; tail -5 "$W/serve.log"; exit 1; }
 status=0
 for provider in ollama openai; do
     base="http://127.0.0.1:$PORT"; [ $provider = openai ] && base="$base/v1"

@@ -103,7 +103,7 @@ if [ "$STEPS" != team ]; then
 fi
 [ "$STEPS" = batched ] && exit 0
 
-wait_up() { for _ in $(seq 120); do curl -sf "http://127.0.0.1:$1/health" > /dev/null && return 0; sleep 0.5; done; return 1; }
+source "$(dirname "$0")/wait_up.sh"
 for n in ${TYPISTS:-1 8 32}; do
     for round in 1 2; do
         for side in ours theirs; do
@@ -117,7 +117,7 @@ for n in ${TYPISTS:-1 8 32}; do
                 port=8089
             fi
             pid=$!
-            if wait_up $port; then
+            if wait_up $port 60; then
                 python3 benchmarks/team_replay.py --url "http://127.0.0.1:$port" --typists $n --keystrokes 6 \
                     --label "$side round $round" --json "$OUT/team.jsonl" | tee -a "$OUT/steps.log"
             else

@@ -11,7 +11,7 @@ PY=${PYTHON:-.venv/bin/python}
 T=${THREADS:-2}; NGL=${GPU_LAYERS:-0}
 OUT=${OUT:-/tmp/keystroke_ab}; mkdir -p "$OUT"
 export LLAMA_CPP_LIB_PATH=$BIN
-wait_up() { for _ in $(seq 240); do curl -sf "http://127.0.0.1:$1/health" > /dev/null && return 0; sleep 0.5; done; return 1; }
+source "$(dirname "$0")/wait_up.sh"
 $PY -m refact_gguf serve -m "$M" -t "$T" --gpu-layers "$NGL" --port 8012 --cache-disk-mb 0 > "$OUT/ours.log" 2>&1 & p1=$!
 # shellcheck disable=SC2086  # LS_FLAGS holds several flags
 "$BIN/llama-server" -m "$M" -t "$T" -ngl "$NGL" ${LS_FLAGS:--fa off} -c 4096 --cache-reuse 256 --spm-infill --port 8089 > "$OUT/llama-server.log" 2>&1 & p2=$!

@@ -20,7 +20,7 @@ T=${THREADS:-2}; NGL=${GPU_LAYERS:-0}
 OUT=${OUT:-/tmp/replay_matrix}; mkdir -p "$OUT"
 W=${WORK:-/tmp/replay_matrix_work}; mkdir -p "$W"
 export LLAMA_CPP_LIB_PATH=$BIN
-wait_up() { for _ in $(seq 240); do curl -sf "http://127.0.0.1:$1/health" > /dev/null && return 0; sleep 0.5; done; return 1; }
+source "$(dirname "$0")/wait_up.sh"
 
 one() {  # side cache n files start round
     local side=$1 cache=$2 n=$3 files=$4 start=$5 round=$6 port pid
