@@ -132,15 +132,11 @@ def test_drafting_from_the_prompt_keeps_the_greedy_text_on_trained_weights(stand
     """--draft on a trained model: prompt lookup drafts from the file and the code after the cursor,
     one decode verifies them, and every completion is the one a token a step gives (the issue asks
     exactness where near-ties are rare); the drafts are found and some kept."""
+    from benchmarks.draft import fim_cases  # the benchmark's cases: 4 files, 2 cursors each
     from refact_gguf.engine import Engine
     from refact_gguf.runtime import Runtime
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    cases = []
-    for name in ("textwrap.py", "heapq.py", "difflib.py", "bisect.py"):
-        lines = (stdlib / name).read_text().splitlines(keepends=True)
-        for cut in (len(lines) // 3, 2 * len(lines) // 3):
-            cases.append(("".join(lines[max(0, cut - 80) : cut]), "".join(lines[cut : cut + 40])))
+    cases = fim_cases(4)
     with Model(standin_q8) as model, Runtime(model, n_ctx=2048, threads=2) as rt:
         expected = [rt.fim(p, s, max_tokens=48).text for p, s in cases]
     with Model(standin_q8) as model, Engine(model, n_ctx=2048, threads=2, draft=4).start() as engine:
