@@ -65,8 +65,10 @@ def server_counters(url: str) -> dict | None:
         engine = httpx.get(f"{url}/health", timeout=30).json().get("engine")
     except (httpx.HTTPError, ValueError):
         return None
+    # steps, decode_s and step_s: where the engine thread's time went (the rest of the warm phase's
+    # wall time is spent outside its steps: admission, waiting for requests)
     return {k: engine[k] for k in ("cache_saves", "cache_restores", "short_answers", "background_tokens",
-                                   "tokens_evaluated")} if engine else None
+                                   "tokens_evaluated", "steps", "batch_tokens", "decode_s", "step_s")} if engine else None
 
 
 def http_sender(url: str, keys: list[str] | None = None):
@@ -109,7 +111,7 @@ def replay(send, typists: int, keystrokes: int, n_predict: int, counters=lambda:
     before, after = marks[0] if marks else None, counters()
     if before and after:  # per warm keystroke, what the engine did besides answering
         n = max(1, sum(r["k"] > 0 for r in rows))
-        summary["per_warm_keystroke"] = {k: round((after[k] - before[k]) / n, 2) for k in before}
+        summary["per_warm_keystroke"] = {k: round((after[k] - before[k]) / n, 3) for k in before}
     return summary
 
 

@@ -87,7 +87,9 @@ class Engine:
         self._background: deque[Handle] = deque()  # newest last: served first
         self._active: dict[Slot, Handle] = {}  # in admission order: prompts are filled first come, first served
         self.prompt_rate: float | None = None  # prompt tokens a second, measured
-        self._shortened: list[tuple[list[int], float]] = []  # files answered short, and since when
+        # Files answered short: their full prompt, since when, and the size of their short prompts
+        # (kept, so the next short answer in the file finds the last one's tokens on its scratch sequence).
+        self._shortened: list[tuple[list[int], float, int]] = []
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -137,8 +139,7 @@ class Engine:
     def short_tokens(self, budget_s: float) -> int | None:
         """How long a short prompt may be to be in within `budget_s`, sharing the prompt rate with
         the requests in flight; None: too soon to tell. A power of two: the measured rate moves a
-        little every step, and a window that moved with it would share nothing with the last
-        keystroke's, re-evaluating it every time."""
+        little every step. (A file keeps the size of its first short answer: `_late`.)"""
         if self.prompt_rate is None or self.cache is None:  # no cache: the full prompt's progress would be lost
             return None
         in_flight = 1 + len(self._waiting) + sum(not h.background for h in list(self._active.values()))
@@ -232,11 +233,11 @@ class Engine:
                         self.states.bring(slot, handle.task, self.prompt_rate)
                     slot.start(handle.task, handle.on_text)
                     self._active[slot] = handle
-                    if self._late(slot, handle.task):
-                        self._answer_short(slot, handle)
+                    if short_tokens := self._late(slot, handle.task):
+                        self._answer_short(slot, handle, short_tokens)
                         shortened = True
                     elif handle.task.short is not None:  # its full prompt goes in now: no longer a short-answered file
-                        self._shortened = [(p, t) for p, t in self._shortened if not layout.same_file(p, handle.task.prompt)]
+                        self._shortened = [f for f in self._shortened if not layout.same_file(f[0], handle.task.prompt)]
                 except Exception as e:  # noqa: BLE001 - the engine thread must outlive any one task
                     self._fail(slot, handle, _library_error(e))
             if not shortened:
@@ -252,27 +253,37 @@ class Engine:
 
     # ------------------------------------------------------------------ background prefill
 
-    def _late(self, slot: Slot, task: Task) -> bool:
-        """The prompt cannot be in by the task's budget: what the cache lacks of it, and the
-        prompt tokens of people's requests admitted before it, at the measured rate."""
-        if task.short is None or task.prompt_budget is None or self.prompt_rate is None or self.cache is None:
-            return False
-        since = next((t for prompt, t in self._shortened if layout.same_file(prompt, task.prompt)), None)
-        if since is not None and time.perf_counter() - since > SHORT_FOR_AT_MOST_S:
-            return False  # converge: at saturation the background share alone might never finish it
-        ahead = sum(len(s.todo) for s, h in self._active.items() if s is not slot and not h.background and not s.generating)
-        return time.perf_counter() + (len(slot.todo) + ahead) / self.prompt_rate > task.prompt_budget
+    def _late(self, slot: Slot, task: Task) -> int:
+        """How many tokens the short version of `task` may take, if its prompt cannot be in by the
+        task's budget (what the cache lacks of it, and the prompt tokens of people's requests
+        admitted before it, at the measured rate); else 0.
 
-    def _answer_short(self, slot: Slot, handle: Handle) -> None:
+        A file's first short answer sizes its short prompts (`Task.short_tokens`, from the load
+        when it came: `short_tokens`). Later ones keep that size, so each finds the last one's
+        tokens on its scratch sequence and evaluates only what was typed, however many requests
+        are in flight by then."""
+        if task.short is None or task.prompt_budget is None or self.prompt_rate is None or self.cache is None:
+            return 0
+        now = time.perf_counter()
+        since, size = next(((t, n) for prompt, t, n in self._shortened if layout.same_file(prompt, task.prompt)),
+                           (None, task.short_tokens))
+        if since is not None and now - since > SHORT_FOR_AT_MOST_S:
+            return 0  # converge: at saturation the background share alone might never finish it
+        ahead = sum(len(s.todo) for s, h in self._active.items() if s is not slot and not h.background and not s.generating)
+        if now + (len(slot.todo) + ahead) / self.prompt_rate <= task.prompt_budget:
+            return 0
+        return size if size < len(task.prompt) else 0  # no shorter than the prompt itself
+
+    def _answer_short(self, slot: Slot, handle: Handle, short_tokens: int) -> None:
         """The full prompt goes on evaluating on `slot`, in the background; the person's request
-        becomes its short version, first in line for a scratch sequence."""
+        becomes its short version, in `short_tokens`, first in line for a scratch sequence."""
         full = handle.task
-        handle.task = full.short()
+        handle.task = full.short(short_tokens)
         full.prompt_deadline = full.deadline = None  # the client's limits are the short one's now
         full.short = full.prompt_budget = None  # it is background work from now on, never late
         full.max_tokens = 0  # prefill only, also when it resumes from the queue
-        if not any(layout.same_file(prompt, full.prompt) for prompt, _ in self._shortened):
-            self._shortened = [*self._shortened[-(MAX_BACKGROUND * 4 - 1):], (full.prompt, time.perf_counter())]
+        if not any(layout.same_file(prompt, full.prompt) for prompt, _, _ in self._shortened):
+            self._shortened = [*self._shortened[-(MAX_BACKGROUND * 4 - 1):], (full.prompt, time.perf_counter(), short_tokens)]
         background = Handle(full, None, None)
         background.background = True
         slot.silence()

@@ -173,12 +173,13 @@ class Task:
     reuse_cache: bool = True  # False: evaluate the whole prompt (llama-server's cache_prompt: false)
     truncated: bool = False
     notes: tuple[str, ...] = ()
-    # Makes the same request on the lines around the cursor (with this one's limits): what the
-    # engine answers instead when the cache holds too little of `prompt` to have it in by
-    # `prompt_budget` (a time.perf_counter()), evaluating `prompt` in the background meanwhile, for
-    # the keystrokes that follow. Made only then: fitting the lines tokenizes, and a warm keystroke
-    # would pay for it every time.
-    short: Callable[[], Task] | None = None
+    # Makes the same request on the lines around the cursor, in at most the tokens given (with this
+    # one's limits): what the engine answers instead when the cache holds too little of `prompt` to
+    # have it in by `prompt_budget` (a time.perf_counter()), evaluating `prompt` in the background
+    # meanwhile, for the keystrokes that follow. Made only then: fitting the lines tokenizes, and a
+    # warm keystroke would pay for it every time.
+    short: Callable[[int], Task] | None = None
+    short_tokens: int = 0  # the size `short` is first asked for (the engine keeps a file's first size)
     prompt_budget: float | None = None
     short_context: bool = False
 
@@ -192,8 +193,9 @@ def fim(tokenize: Tokenize, n_ctx: int, prefix: str, suffix: str = "", *, order:
         extra: list[int] | tuple[int, ...] = (), indent: int | None = None, stop: tuple[str, ...] = (),
         short_tokens: int | None = None) -> Task:
     """Fill in between `prefix` (+ `line`, the text typed on the cursor's line) and `suffix`.
-    See fim.build_prompt for the layout, `extra` and truncation. With `short_tokens`, a prompt
-    longer than that carries its `short` version: the lines around the cursor in that many tokens."""
+    See fim.build_prompt for the layout, `extra` and truncation. With `short_tokens`, the task can
+    make its short version (`Task.short`): the lines around the cursor in a given number of
+    tokens, that many unless the engine says otherwise."""
     prompt = fim_prompt.build_prompt(tokenize, prefix, suffix, n_ctx - max_tokens, order, line, extra)
     notes = ()
     if prompt.truncated:
@@ -202,8 +204,8 @@ def fim(tokenize: Tokenize, n_ctx: int, prefix: str, suffix: str = "", *, order:
                  f"{' (cut)' if prompt.suffix_truncated else ''}",)
     rules = StopRules(stop, code=True, prefix=prompt.prefix, suffix=prompt.suffix, multiline=multiline, indent=indent)
     task = Task(prompt.tokens, max_tokens, sampling, rules, truncated=prompt.truncated, notes=notes)
-    if short_tokens is not None and len(prompt.tokens) > short_tokens:
-        def short() -> Task:
+    if short_tokens is not None:
+        def short_version(short_tokens: int) -> Task:
             # Whole lines near the cursor, a few times the budget's worth of characters, so fitting
             # them tokenizes a few lines, not the file.
             span = 8 * short_tokens
@@ -219,7 +221,7 @@ def fim(tokenize: Tokenize, n_ctx: int, prefix: str, suffix: str = "", *, order:
                 truncated=True, short_context=True,
                 notes=(f"short context: answered from the {len(near.tokens)} tokens around the cursor while the"
                        f" full prompt ({len(prompt.tokens)} tokens) is evaluated for the next keystrokes",))
-        task.short = short
+        task.short, task.short_tokens = short_version, short_tokens
     return task
 
 

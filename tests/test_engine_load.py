@@ -89,3 +89,32 @@ def test_steady_typing_keeps_live_slots_and_converges_fresh_and_after_a_restart(
             assert restores == (0 if day == "fresh cache" else TYPISTS), (day, restores)
         if day == "fresh cache":
             assert shorts >= 1  # the test did exercise the cold path
+
+
+def test_a_files_next_short_answer_evaluates_only_what_was_typed(model, sources):
+    """Short answers converge too: while a cold file's full prompt is still going in, its next
+    keystroke is answered short again, on the lines its last short answer had (their KV cache on
+    the scratch sequence), however many requests are in flight by then — not on a window resized
+    to the new load, which shares nothing with the last one and is evaluated again whole."""
+    cache = PromptCache(64 << 20, model_fingerprint(model.path), None, 0, model.path.name)
+    # Small batches: the background prefill of the file takes many steps, as a whole file's does on a laptop.
+    with SlowPrompts(model, n_ctx=N_CTX, parallel=4, threads=2, n_batch=64, cache=cache) as eng:
+        service = Service(eng, "m", Limits(prompt_budget_ms=1000))
+        (prefix, suffix), *others = sources
+
+        def run(*handles):
+            for _ in range(200):
+                if all(h.done for h in handles):
+                    return [h.wait(0) for h in handles]
+                eng.tick()
+            raise AssertionError("not done in 200 steps")
+
+        first, = run(eng.submit(service.fim(prefix, suffix, time.perf_counter(), line=LINE[:4], max_tokens=4)))
+        assert first.short_context and eng.load()["background"] == 1
+        # Two people start typing in other files (no budget: full prompts), then the first types on.
+        busy = [eng.submit(service.fim(p, s, time.perf_counter(), budget_ms=0, line=LINE[:4], max_tokens=4))
+                for p, s in others[:2]]
+        second = eng.submit(service.fim(prefix, suffix, time.perf_counter(), line=LINE[:7], max_tokens=4))
+        second, *_ = run(second, *busy)
+        assert second.short_context and second.prompt_tokens > 16, second
+        assert second.tokens_evaluated <= 8, (second.tokens_evaluated, second.prompt_tokens, first.prompt_tokens)

@@ -57,12 +57,15 @@ def test_a_long_prompt_carries_a_short_one_from_the_lines_around_the_cursor():
     prefix = "".join(f"prefix line {i}\n" for i in range(300))
     suffix = "".join(f"suffix line {i}\n" for i in range(300))
     task = tasks.fim(tok, 4096, prefix, suffix, line="    x", max_tokens=16, short_tokens=100)
-    short = task.short()
+    short = task.short(task.short_tokens)
     assert len(task.prompt) > 3000 and short.short_context and short.truncated and len(short.prompt) <= 100
     text = "".join(chr(t - 100) for t in short.prompt if t >= 100)
     assert text.startswith("suffix line 0\n") and text.endswith("prefix line 299\n    x")  # nearest the cursor
     assert not short.rules.multiline and "short context" in short.notes[0]
-    assert tasks.fim(tok, 4096, "a", "b", short_tokens=60).short is None  # short enough already
+    # The next keystroke's short prompt of the same size only grows: its KV cache is the last one's.
+    later = tasks.fim(tok, 4096, prefix, suffix, line="    xy", max_tokens=16, short_tokens=30).short(100).prompt
+    assert later[: len(short.prompt) - 1] == short.prompt[:-1]
+    assert tasks.fim(tok, 4096, "a", "b").short is None
 
 
 def test_short_prefix_leaves_room_to_the_suffix():
