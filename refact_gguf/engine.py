@@ -43,10 +43,19 @@ from .tasks import Completion, OnText, Task
 
 
 SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk
-BACKGROUND_STEP_S = 1.0  # a step of background prefill lasts about this long (a request arriving stops it, losing it)
+# A step of background prefill nobody waits on lasts about this long: a request arriving gives it up,
+# losing it (at 1 s, a person pausing a second between keystrokes lost nearly every one).
+BACKGROUND_STEP_S = 0.25
+# Background prefill in a step people wait on: about this long (at the measured prompt rate, at least
+# a token, at most a ubatch). A GPU's step takes its ubatch; two CPU cores with the full-size model,
+# one token: a ubatch there is ~10 s, which every generated token of a short answer would wait for.
+BACKGROUND_BESIDE_PEOPLE_S = 0.03
 MAX_BACKGROUND = 8  # files whose full prompt waits to be evaluated in the background
 SHORT_SHARE = 0.6  # of a prompt budget, what a short prompt may take (the rest: slack, and the first tokens)
-SHORT_FOR_AT_MOST_S = 2.0  # a file answered short this long waits for its full prompt on its next keystroke
+# A file answered short this long waits for its full prompt on its next keystroke, if what is left
+# of it goes in within WAIT_FOR_FULL_S (else short answers go on, beside its background share).
+SHORT_FOR_AT_MOST_S = 2.0
+WAIT_FOR_FULL_S = 2.0
 
 
 class Engine:
@@ -267,8 +276,8 @@ class Engine:
         now = time.perf_counter()
         since, size = next(((t, n) for prompt, t, n in self._shortened if layout.same_file(prompt, task.prompt)),
                            (None, task.short_tokens))
-        if since is not None and now - since > SHORT_FOR_AT_MOST_S:
-            return 0  # converge: at saturation the background share alone might never finish it
+        if since is not None and now - since > SHORT_FOR_AT_MOST_S and len(slot.todo) / self.prompt_rate <= WAIT_FOR_FULL_S:
+            return 0  # converge: at saturation the background share alone would take long to finish it
         ahead = sum(len(s.todo) for s, h in self._active.items() if s is not slot and not h.background and not s.generating)
         if now + (len(slot.todo) + ahead) / self.prompt_rate <= task.prompt_budget:
             return 0
@@ -425,12 +434,13 @@ class Engine:
         return True
 
     def _plan(self, people: bool) -> list[layout.Row]:
-        # Background prompts together: one ubatch of a step people wait on (a quarter of one did not
-        # finish whole files under back-to-back typing), ~1 s of prompt of a step nobody waits on.
-        ctx = self.ctx
+        # Background prompts together: a few tens of ms of a step people wait on (short answers
+        # stay short; a file converges by `_late`'s wait for its full prompt), ~1 s of prompt of a
+        # step nobody waits on (a quarter second, given up when a request comes).
+        ctx, rate = self.ctx, self.prompt_rate or 0.0
+        share = min(ctx.n_ubatch, max(1, int(rate * BACKGROUND_BESIDE_PEOPLE_S))) if people else max(32, int(rate * BACKGROUND_STEP_S))
         return layout.plan(self._layout_view(), layout.Room(
-            ctx.batch.capacity, ctx.n_ubatch, self.full_batches,
-            ctx.n_ubatch if people else max(32, int((self.prompt_rate or 0) * BACKGROUND_STEP_S)), len(self.slots)))
+            ctx.batch.capacity, ctx.n_ubatch, self.full_batches, share, len(self.slots)))
 
     def _lay_out(self, rows: list[layout.Row]) -> tuple[list[tuple[Slot, int, int]], int]:
         """The batch from the rows: each answering row's (slot, logits row, batch row), and the outputs."""
