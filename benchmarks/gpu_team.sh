@@ -54,7 +54,7 @@ if [ "$STEPS" = matrix ]; then
 fi
 if [ "$STEPS" = ab ]; then
     [ -d .ab/refact_gguf ] || { log "carry .ab (the package before the change)"; exit 1; }
-    for round in $(seq "${ROUNDS:-2}"); do
+    for round in $(seq "${FIRST_ROUND:-1}" "${ROUNDS:-2}"); do  # FIRST_ROUND: a later call goes on where one stopped
         if [ $((round % 2)) = 1 ]; then order="before after theirs"; else order="theirs after before"; fi
         for side in $order; do
             log "A/B round $round: $side"
