@@ -91,6 +91,16 @@ def _fit(tokenize: Tokenize, text: str, budget: int, keep: Literal["head", "tail
     return pick(lo), counted[lo] if lo in counted else tokenize(pick(lo)), True
 
 
+def _last_line_break(text: str) -> int:
+    """Where the text's last line break after a non-space character is (0: none). Refact's
+    pre-tokenizer (llama.cpp's `refact` regex) never joins a non-space character to the whitespace
+    after it, so there tokenize(text + more) == tokenize(text[:i]) + tokenize(text[i:] + more)."""
+    i = text.rfind("\n")
+    while i > 0 and text[i - 1].isspace():
+        i = text.rfind("\n", 0, i)
+    return max(i, 0)
+
+
 LINE_RESERVE = 64  # tokens kept free for the line being typed, so typing never moves the prefix cut
 
 
@@ -123,7 +133,11 @@ def build_prompt(
     suffix_text, suffix_ids, suffix_cut = _fit(tokenize, suffix, suffix_budget, "head", suffix_ids_full)
     prefix_text, prefix_ids, prefix_cut = _fit(tokenize, prefix, room - len(suffix_ids), "tail", prefix_ids_full)
     if line:
-        prefix_ids = tokenize(prefix_text + line)
+        # The line can merge only with what follows the prefix's last line break: before it the
+        # tokens are the prefix's own, the same text every keystroke (a cached tokenization; the
+        # whole kept prefix again was ~2.3 ms a keystroke on two CPU cores).
+        cut = _last_line_break(prefix_text)
+        prefix_ids = (tokenize(prefix_text[:cut]) if cut else []) + tokenize(prefix_text[cut:] + line)
     spare = max(0, budget - 3 - len(prefix_ids) - len(suffix_ids))
     extra_ids = list(extra[len(extra) - spare :]) if spare and extra else []
     if order == "spm":

@@ -48,3 +48,18 @@ def test_special_text_is_not_parsed(converted_f32):
     with Model(converted_f32.base, vocab_only=True) as m:
         assert 3 not in m.tokenize("x = '<fim_suffix>'")
         assert m.tokenize("<fim_suffix>", special=True) == [3]
+
+
+@pytest.mark.parametrize("line", ["    result", "x", " ", "\t# note", "1234", "'s"])
+def test_a_fim_prompt_tokenizes_the_typed_line_as_the_whole_text_would(converted_f32, line):
+    """build_prompt tokenizes only the prefix's last line again with the typed one (the rest is the
+    same text every keystroke); the ids must be those of the prefix and line tokenized as one."""
+    from refact_gguf.fim import build_prompt
+    from refact_gguf.tokens import FIM_PREFIX_ID
+
+    endings = ["def f(x):\n", "def f(x):\n\n", "    def g(self):  \n", "x = 1\n    ", "    return a + b",
+               "\n", "a\n\t\t\n", "if x:\n\n        ", "y = 2\r\n", "s = 'it'"]
+    with Model(converted_f32.base, vocab_only=True) as m:
+        for ending in endings:
+            p = build_prompt(m.tokenize, "import os\nimport sys\n\n" * 20 + ending, "\nreturn 0\n", budget=1000, line=line)
+            assert p.tokens[p.tokens.index(FIM_PREFIX_ID) + 1 : -1] == m.tokenize(p.prefix), repr(ending)
