@@ -43,8 +43,9 @@ from .tasks import Completion, OnText, Task
 
 
 SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk
-# A step of background prefill nobody waits on lasts about this long: a request arriving gives it up,
-# losing it (at 1 s, a person pausing a second between keystrokes lost nearly every one).
+# A step of background prefill nobody waits on lasts about this long, and holds at least 32 tokens
+# (~0.7 s with the full-size model on two CPU cores): a request arriving gives it up, losing it (at
+# 1 s, a person pausing a second between keystrokes lost nearly every one).
 BACKGROUND_STEP_S = 0.25
 # Background prefill in a step people wait on: about this long (at the measured prompt rate, at least
 # a token, at most a ubatch). A GPU's step takes its ubatch; two CPU cores with the full-size model,
@@ -435,8 +436,8 @@ class Engine:
 
     def _plan(self, people: bool) -> list[layout.Row]:
         # Background prompts together: a few tens of ms of a step people wait on (short answers
-        # stay short; a file converges by `_late`'s wait for its full prompt), ~1 s of prompt of a
-        # step nobody waits on (a quarter second, given up when a request comes).
+        # stay short; a file converges by `_late`'s wait for its full prompt), a quarter second of
+        # prompt, 32 tokens at least, of a step nobody waits on (given up when a request comes).
         ctx, rate = self.ctx, self.prompt_rate or 0.0
         share = min(ctx.n_ubatch, max(1, int(rate * BACKGROUND_BESIDE_PEOPLE_S))) if people else max(32, int(rate * BACKGROUND_STEP_S))
         return layout.plan(self._layout_view(), layout.Room(

@@ -207,7 +207,7 @@ def test_background_work_yields_to_a_keystroke_within_one_step(model, files):
         short = engine.submit(keystroke(a))
         engine.tick()  # the short answer on a scratch sequence, the full prompt beside it in the background
         (slot, job), = [(s, h) for s, h in engine._active.items() if s in engine.slots]
-        while slot.n_cached < 64:  # beside the short answer a few tokens a step, then ~1 s of prompt a step
+        while slot.n_cached < 64:  # beside the short answer a few tokens a step, then 32 (the least a step nobody waits on takes)
             engine.tick()
         assert engine._active.get(slot) is job and job.background and slot.n_cached < len(a)
         other = engine.submit(Task(b, 8))  # a keystroke in another file
