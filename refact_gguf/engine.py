@@ -146,14 +146,11 @@ class Engine:
         """Submit and wait (for callers that have a thread to spare)."""
         return self.submit(task, on_text).wait()
 
-    def short_tokens(self, budget_s: float) -> int | None:
-        """How long a short prompt may be to be in within `budget_s`, sharing the prompt rate with
-        the requests in flight; None: too soon to tell. A power of two: the measured rate moves a
-        little every step. (A file keeps the size of its first short answer: `_late`.)"""
-        if self.prompt_rate is None or self.cache is None:  # no cache: the full prompt's progress would be lost
-            return None
-        in_flight = 1 + len(self._waiting) + sum(not h.background for h in list(self._active.values()))
-        return 1 << max(4, int(self.prompt_rate * budget_s * SHORT_SHARE / in_flight).bit_length() - 1)
+    @property
+    def answers_short(self) -> bool:
+        """Whether a late prompt can be answered short (`Task.short`): only with a cache, which keeps
+        the full prompt's progress, and once the prompt rate is measured."""
+        return self.prompt_rate is not None and self.cache is not None
 
     def slots_state(self) -> list[dict]:
         """Each slot as llama-server's /slots shows it (read without a lock: a snapshot for people)."""
@@ -268,20 +265,32 @@ class Engine:
         task's budget (what the cache lacks of it, and the prompt tokens of people's requests
         admitted before it, at the measured rate); else 0.
 
-        A file's first short answer sizes its short prompts (`Task.short_tokens`, from the load
-        when it came: `short_tokens`). Later ones keep that size, so each finds the last one's
-        tokens on its scratch sequence and evaluates only what was typed, however many requests
-        are in flight by then."""
-        if task.short is None or task.prompt_budget is None or self.prompt_rate is None or self.cache is None:
+        A file's first short answer sizes its short prompts from the load at admission: its share of
+        the rate over what is left of the budget, beside every other person's request in flight
+        (sized when it arrived, the first of eight cold keystrokes together took all the budget, and
+        the others' answers came back empty). Later ones keep that size, so each finds the last
+        one's tokens on its scratch sequence and evaluates only what was typed."""
+        if task.short is None or task.prompt_budget is None or not self.answers_short:
             return 0
         now = time.perf_counter()
         since, size = next(((t, n) for prompt, t, n in self._shortened if layout.same_file(prompt, task.prompt)),
-                           (None, task.short_tokens))
-        if since is not None and now - since > SHORT_FOR_AT_MOST_S and len(slot.todo) / self.prompt_rate <= WAIT_FOR_FULL_S:
-            return 0  # converge: at saturation the background share alone would take long to finish it
+                           (None, None))
         ahead = sum(len(s.todo) for s, h in self._active.items() if s is not slot and not h.background and not s.generating)
-        if now + (len(slot.todo) + ahead) / self.prompt_rate <= task.prompt_budget:
+        wait_s = (len(slot.todo) + ahead) / self.prompt_rate
+        if since is not None and now - since > SHORT_FOR_AT_MOST_S and wait_s <= WAIT_FOR_FULL_S:
+            # Converge: at saturation the background share alone would take long to finish it. The
+            # engine chose this wait, so the client's prompt limit must not end it empty (llama-server
+            # does not enforce t_max_prompt_ms at all); its own tokens and those ahead are counted, so
+            # files converging together wait WAIT_FOR_FULL_S at most, not each that long in turn.
+            task.prompt_deadline = None
             return 0
+        if now + wait_s <= task.prompt_budget:
+            return 0
+        if size is None:
+            background = {s for s, h in self._active.items() if h.background}
+            people = sum(s.busy and s not in background for s in self._sequences) + len(self._waiting)
+            left_s = max(0.0, task.prompt_budget - now - ahead / self.prompt_rate)
+            size = 1 << max(4, int(self.prompt_rate * left_s * SHORT_SHARE / max(1, people)).bit_length() - 1)
         return size if size < len(task.prompt) else 0  # no shorter than the prompt itself
 
     def _answer_short(self, slot: Slot, handle: Handle, short_tokens: int) -> None:

@@ -72,7 +72,9 @@ def plan(sequences: list[Sequence], room: Room) -> list[Row]:
         lo, hi = min(s.seq for s in busy), max(s.seq for s in busy)
     left, share = room.capacity - (hi - lo + 1), room.background
     chunk: dict[int, int] = {}
-    for s in sorted((s for s in busy if not s.generating), key=lambda s: s.rank):
+    # Short answers' prompts first (each sized to its share of the budget; behind a file's whole
+    # prompt, their few tokens went in one a step and missed the budget), then first come, first served.
+    for s in sorted((s for s in busy if not s.generating), key=lambda s: (not s.short, s.rank)):
         whole = len(busy) == 1 or s.todo > DRIBBLE or s.short
         more = min(s.todo - 1, left) if whole else 0
         if s.background:

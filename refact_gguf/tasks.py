@@ -179,7 +179,6 @@ class Task:
     # meanwhile, for the keystrokes that follow. Made only then: fitting the lines tokenizes, and a
     # warm keystroke would pay for it every time.
     short: Callable[[int], Task] | None = None
-    short_tokens: int = 0  # the size `short` is first asked for (the engine keeps a file's first size)
     prompt_budget: float | None = None
     short_context: bool = False
 
@@ -191,11 +190,10 @@ class Task:
 def fim(tokenize: Tokenize, n_ctx: int, prefix: str, suffix: str = "", *, order: fim_prompt.Order = "spm",
         max_tokens: int = 128, multiline: bool = True, sampling: Sampling = Sampling(), line: str = "",
         extra: list[int] | tuple[int, ...] = (), indent: int | None = None, stop: tuple[str, ...] = (),
-        short_tokens: int | None = None) -> Task:
+        shortens: bool = False) -> Task:
     """Fill in between `prefix` (+ `line`, the text typed on the cursor's line) and `suffix`.
-    See fim.build_prompt for the layout, `extra` and truncation. With `short_tokens`, the task can
-    make its short version (`Task.short`): the lines around the cursor in a given number of
-    tokens, that many unless the engine says otherwise."""
+    See fim.build_prompt for the layout, `extra` and truncation. With `shortens`, the task can
+    make its short version (`Task.short`): the lines around the cursor in a given number of tokens."""
     prompt = fim_prompt.build_prompt(tokenize, prefix, suffix, n_ctx - max_tokens, order, line, extra)
     notes = ()
     if prompt.truncated:
@@ -204,7 +202,7 @@ def fim(tokenize: Tokenize, n_ctx: int, prefix: str, suffix: str = "", *, order:
                  f"{' (cut)' if prompt.suffix_truncated else ''}",)
     rules = StopRules(stop, code=True, prefix=prompt.prefix, suffix=prompt.suffix, multiline=multiline, indent=indent)
     task = Task(prompt.tokens, max_tokens, sampling, rules, truncated=prompt.truncated, notes=notes)
-    if short_tokens is not None:
+    if shortens:
         def short_version(short_tokens: int) -> Task:
             # Whole lines near the cursor, a few times the budget's worth of characters, so fitting
             # them tokenizes a few lines, not the file.
@@ -221,7 +219,7 @@ def fim(tokenize: Tokenize, n_ctx: int, prefix: str, suffix: str = "", *, order:
                 truncated=True, short_context=True,
                 notes=(f"short context: answered from the {len(near.tokens)} tokens around the cursor while the"
                        f" full prompt ({len(prompt.tokens)} tokens) is evaluated for the next keystrokes",))
-        task.short, task.short_tokens = short_version, short_tokens
+        task.short = short_version
     return task
 
 

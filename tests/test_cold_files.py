@@ -38,7 +38,7 @@ class SlowPrompts(Engine):
 
 def keystroke(prompt, short=None, budget_s=0.5):
     short = short if short is not None else prompt[-30:]  # stands for the lines around the cursor
-    return Task(list(prompt), 8, short=lambda tokens: Task(list(short), 8, short_context=True), short_tokens=16,
+    return Task(list(prompt), 8, short=lambda tokens: Task(list(short), 8, short_context=True),
                 prompt_budget=time.perf_counter() + budget_s)
 
 

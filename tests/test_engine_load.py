@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from refact_gguf import engine as engine_module
 from refact_gguf.engine import Engine
 from refact_gguf.prompt_cache import PromptCache, model_fingerprint
 from refact_gguf.server.common import Limits, Service
@@ -119,3 +120,50 @@ def test_a_files_next_short_answer_evaluates_only_what_was_typed(model, sources)
         second, *_ = run(second, *busy)
         assert second.short_context and second.prompt_tokens > 16, second
         assert second.tokens_evaluated <= 8, (second.tokens_evaluated, second.prompt_tokens, first.prompt_tokens)
+
+
+def ticks_until_done(eng: Engine, *handles, steps: int = 400):
+    for _ in range(steps):
+        if all(h.done for h in handles):
+            return [h.wait(0) for h in handles]
+        eng.tick()
+    raise AssertionError(f"not done in {steps} steps")
+
+
+def test_cold_keystrokes_together_share_the_budget(model, sources):
+    """Cold files opened at once are answered short from windows sized at admission, beside every
+    request in flight: sized as each arrived, the first of eight took the whole budget and the
+    others' answers came back empty on their prompt deadline (two CPU cores, small model)."""
+
+    class Prompts(Engine):
+        prompt_rate = property(lambda self: 400.0, lambda self, value: None)  # a whole file: late
+
+    cache = PromptCache(64 << 20, model_fingerprint(model.path), None, 0, model.path.name)
+    with Prompts(model, n_ctx=N_CTX, parallel=TYPISTS, threads=2, cache=cache) as eng:
+        service = Service(eng, "m", Limits(prompt_budget_ms=1000))
+        start = time.perf_counter()
+        handles = [eng.submit(service.fim(p, s, start, line=LINE[:4], max_tokens=4)) for p, s in sources]
+        answers = ticks_until_done(eng, *handles)
+        sizes = [n for _, _, n in eng._shortened]  # each file's window, in tokens (its lines fill up to it)
+    assert all(a.short_context for a in answers) and len(sizes) == len(sources)
+    assert sum(sizes) <= 400 * 1.0 * engine_module.SHORT_SHARE and len(set(sizes)) == 1, sizes
+
+
+def test_a_file_converging_waits_for_its_full_prompt_past_the_clients_prompt_limit(model, sources, monkeypatch):
+    """Once a file has been answered short long enough, its next keystroke waits for what is left
+    of its full prompt, if that is little. The engine chose that wait: the client's
+    t_max_prompt_ms must not end it with an empty answer."""
+    monkeypatch.setattr(engine_module, "SHORT_FOR_AT_MOST_S", 0.0)
+    cache = PromptCache(64 << 20, model_fingerprint(model.path), None, 0, model.path.name)
+    with SlowPrompts(model, n_ctx=N_CTX, parallel=1, threads=2, n_batch=32, cache=cache) as eng:
+        service = Service(eng, "m", Limits(prompt_budget_ms=1000))
+        (prefix, suffix), *_ = sources
+        first, = ticks_until_done(eng, eng.submit(service.fim(prefix, suffix, time.perf_counter(), line=LINE[:4], max_tokens=4)))
+        assert first.short_context
+        slot = eng.slots[0]
+        while len(slot.todo) > 200 * engine_module.WAIT_FOR_FULL_S or slot.n_cached < 64:  # little left: converge
+            eng.tick()
+        task = service.fim(prefix, suffix, time.perf_counter(), line=LINE[:5], max_tokens=4)
+        task.prompt_deadline = time.perf_counter()  # already past, as llama.vim's 500 ms would be here
+        second, = ticks_until_done(eng, eng.submit(task))
+    assert not second.short_context and second.tokens_evaluated > 32 and second.stop_reason != "time", second

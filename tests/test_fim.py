@@ -56,14 +56,14 @@ def test_typing_on_a_new_line_keeps_a_truncated_layout():
 def test_a_long_prompt_carries_a_short_one_from_the_lines_around_the_cursor():
     prefix = "".join(f"prefix line {i}\n" for i in range(300))
     suffix = "".join(f"suffix line {i}\n" for i in range(300))
-    task = tasks.fim(tok, 4096, prefix, suffix, line="    x", max_tokens=16, short_tokens=100)
-    short = task.short(task.short_tokens)
+    task = tasks.fim(tok, 4096, prefix, suffix, line="    x", max_tokens=16, shortens=True)
+    short = task.short(100)
     assert len(task.prompt) > 3000 and short.short_context and short.truncated and len(short.prompt) <= 100
     text = "".join(chr(t - 100) for t in short.prompt if t >= 100)
     assert text.startswith("suffix line 0\n") and text.endswith("prefix line 299\n    x")  # nearest the cursor
     assert not short.rules.multiline and "short context" in short.notes[0]
     # The next keystroke's short prompt of the same size only grows: its KV cache is the last one's.
-    later = tasks.fim(tok, 4096, prefix, suffix, line="    xy", max_tokens=16, short_tokens=30).short(100).prompt
+    later = tasks.fim(tok, 4096, prefix, suffix, line="    xy", max_tokens=16, shortens=True).short(100).prompt
     assert later[: len(short.prompt) - 1] == short.prompt[:-1]
     assert tasks.fim(tok, 4096, "a", "b").short is None
 

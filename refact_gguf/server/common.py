@@ -75,10 +75,10 @@ class Service:
         `budget_ms` after `start` (default: the server's budget; 0: no limit), the engine answers
         from the lines around the cursor and evaluates the whole file in the background."""
         budget_ms = self.limits.prompt_budget_ms if budget_ms is None else budget_ms
-        short_tokens = self.engine.short_tokens(budget_ms / 1e3) if budget_ms > 0 and cache else None
+        shortens = budget_ms > 0 and cache and self.engine.answers_short
         task = tasks.fim(self.tokenize, min(self.limits.fim_context, self.engine.n_ctx), prefix, suffix,
-                         short_tokens=short_tokens, **options)
-        task.prompt_budget = start + budget_ms / 1e3 if short_tokens is not None else None
+                         shortens=shortens, **options)
+        task.prompt_budget = start + budget_ms / 1e3 if shortens else None
         return task
 
     def tokenize_special(self, text: str) -> list[int]:
