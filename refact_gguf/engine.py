@@ -277,11 +277,13 @@ class Engine:
                            (None, None))
         ahead = sum(len(s.todo) for s, h in self._active.items() if s is not slot and not h.background and not s.generating)
         wait_s = (len(slot.todo) + ahead) / self.prompt_rate
-        if since is not None and now - since > SHORT_FOR_AT_MOST_S and wait_s <= WAIT_FOR_FULL_S:
-            # Converge: at saturation the background share alone would take long to finish it. The
-            # engine chose this wait, so the client's prompt limit must not end it empty (llama-server
-            # does not enforce t_max_prompt_ms at all); its own tokens and those ahead are counted, so
-            # files converging together wait WAIT_FOR_FULL_S at most, not each that long in turn.
+        if since is not None and now - since > SHORT_FOR_AT_MOST_S and len(slot.todo) / self.prompt_rate <= WAIT_FOR_FULL_S:
+            # Converge: at saturation the background share alone would take long to finish it. Its
+            # own tokens are weighed, not those ahead: files opened together converge together, one
+            # slow keystroke each, as llama-server makes them wait for all at once on the first (short
+            # answers on every file until the queue was short kept all keystrokes slow: warm p50 1.5-1.8 s
+            # against 0.5-0.6, 8 typists, two CPU cores). The engine chose this wait, so the client's
+            # prompt limit must not end it empty (llama-server does not enforce t_max_prompt_ms at all).
             task.prompt_deadline = None
             return 0
         if now + wait_s <= task.prompt_budget:
