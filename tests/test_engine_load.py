@@ -167,3 +167,23 @@ def test_a_file_converging_waits_for_its_full_prompt_past_the_clients_prompt_lim
         task.prompt_deadline = time.perf_counter()  # already past, as llama.vim's 500 ms would be here
         second, = ticks_until_done(eng, eng.submit(task))
     assert not second.short_context and second.tokens_evaluated > 32 and second.stop_reason != "time", second
+
+
+def test_files_opened_together_converge_together(model, sources, monkeypatch):
+    """Each file converging weighs what is left of its own prompt, not the queue ahead of it: one
+    slow keystroke each, as llama-server's first one is for all. Weighing the queue, one file in
+    turn converged and the others went on with short answers, every keystroke slow."""
+    monkeypatch.setattr(engine_module, "SHORT_FOR_AT_MOST_S", 0.0)
+    cache = PromptCache(64 << 20, model_fingerprint(model.path), None, 0, model.path.name)
+    with SlowPrompts(model, n_ctx=N_CTX, parallel=TYPISTS, threads=2, n_batch=64, cache=cache) as eng:
+        service = Service(eng, "m", Limits(prompt_budget_ms=1000))
+        first = ticks_until_done(eng, *[eng.submit(service.fim(p, s, time.perf_counter(), line=LINE[:4], max_tokens=4))
+                                        for p, s in sources])
+        assert all(c.short_context for c in first)
+        left = 200 * engine_module.WAIT_FOR_FULL_S  # tokens each file may have left to converge
+        while any(len(s.todo) > left for s in eng.slots):
+            eng.tick()
+        assert sum(len(s.todo) for s in eng.slots) > left  # together, more than one file's wait
+        second = ticks_until_done(eng, *[eng.submit(service.fim(p, s, time.perf_counter(), line=LINE[:5], max_tokens=4))
+                                         for p, s in sources])
+    assert not any(c.short_context for c in second), [c.tokens_evaluated for c in second]
