@@ -82,6 +82,15 @@ def test_prompt_room_goes_first_come_first_served_within_the_batch():
     assert sum(r.n for r in rows.values()) <= 512
 
 
+def test_a_short_answers_prompt_goes_in_whole_before_an_earlier_files_prompt():
+    """Sized to fit its budget, a short prompt must not go in a token a step behind a whole file's
+    chunk (eight typists, two CPU cores: it missed t_max_prompt_ms and the answer came back empty)."""
+    seqs = with_(idle(3), a=Sequence(0, todo=2000, rank=0), b=Sequence(1, todo=20, rank=1, short=True),
+                 c=Sequence(2, generating=True))
+    rows = {r.seq: r for r in plan(seqs, Room(512, 512, False, 512))}
+    assert rows[1].n == 20 and rows[1].answer and rows[0].n == 512 - 20 - 1  # the rest of the batch
+
+
 def test_background_takes_a_bounded_share_while_people_wait_and_a_ubatch_when_they_do_not():
     job = Sequence(1, todo=3000, background=True)
     beside = plan(with_(idle(2), a=Sequence(0, generating=True), b=job), CPU)
