@@ -272,7 +272,10 @@ class Engine:
         the rate over what is left of the budget, beside every other person's request in flight
         (sized when it arrived, the first of eight cold keystrokes together took all the budget, and
         the others' answers came back empty). Later ones keep that size, so each finds the last
-        one's tokens on its scratch sequence and evaluates only what was typed."""
+        one's tokens on its scratch sequence and evaluates only what was typed.
+
+        A file answered short long enough converges instead: 0, and `task` loses the client's
+        prompt limit (`prompt_deadline`), which would otherwise end that wait empty."""
         if task.short is None or task.prompt_budget is None or not self.answers_short:
             return 0
         now = time.perf_counter()
@@ -292,6 +295,8 @@ class Engine:
         if now + wait_s <= task.prompt_budget:
             return 0
         if size is None:
+            # Busy sequences, not `_active`: the requests admitted with this one in this tick are
+            # reserved on their slots but not started yet.
             background = {s for s, h in self._active.items() if h.background}
             people = sum(s.busy and s not in background for s in self._sequences) + len(self._waiting)
             left_s = max(0.0, task.prompt_budget - now - ahead / self.prompt_rate)
