@@ -4,8 +4,10 @@
 # the same client (benchmarks/team_replay.py, greedy, n_predict 16), sides alternating by round.
 #   cells: TYPISTS × FILES (window: llama.vim's 256/64 lines; whole: the whole file, prompts up to the
 #          context) × STARTS (together; staggered: typist i starts i × STAGGER_MS late)
-#   ours twice per cell: a fresh cache directory, then a new server over the directory the first left
-#   (an editor restarted next morning); llama-server keeps no cache across restarts: once per cell.
+#   ours per cell, CACHES of: fresh (an empty cache directory), warm (a new server over the directory
+#   the fresh one left: an editor restarted next morning), midrun (a server over a fresh directory
+#   stopped after everyone's cold keystroke, their files still going in, then a new one over what it
+#   left: a restart mid-run); default "fresh warm". llama-server keeps no cache across restarts: once per cell.
 #   THREADS=16 GPU_LAYERS=99 TYPISTS="1 8 32" bash benchmarks/replay_matrix.sh MODEL.gguf LLAMA_BIN_DIR   # a GPU
 #   THREADS=2 TYPISTS="1 4 8" BUDGET_MS=500 bash benchmarks/replay_matrix.sh MODEL.gguf LLAMA_BIN_DIR     # a laptop
 # PAUSE_MS: between an answer and the next keystroke (default 0: back to back, the hardest case).
@@ -25,7 +27,8 @@ source "$(dirname "$0")/wait_up.sh"
 one() {  # side cache n files start round
     local side=$1 cache=$2 n=$3 files=$4 start=$5 round=$6 port pid
     local kv="$W/kv-$n-$files-$start"
-    [ "$cache" = fresh ] && rm -rf "$kv"
+    [ "$cache" = fresh ] || [ "$cache" = midrun ] && rm -rf "$kv"
+    [ "$cache" = midrun ] && KEYSTROKES=0 JSON=$W/midrun-first.jsonl one ours first "$n" "$files" "$start" "$round"
     if [ "$side" = ours ]; then
         port=8012
         $PY -m refact_gguf serve -m "$M" -t "$T" --gpu-layers "$NGL" --parallel "$n" --queue 64 --port $port \
@@ -42,7 +45,7 @@ one() {  # side cache n files start round
         $PY benchmarks/team_replay.py --url "http://127.0.0.1:$port" --typists "$n" --keystrokes "${KEYSTROKES:-6}" \
             --budget-ms "${BUDGET_MS:-600000}" $([ "$files" = whole ] && echo --whole-files) \
             --stagger-ms $([ "$start" = staggered ] && echo "${STAGGER_MS:-10}" || echo 0) --pause-ms "${PAUSE_MS:-0}" \
-            --label "${LABEL:+$LABEL }$side $cache n=$n $files $start r$round" --json "$OUT/matrix.jsonl"
+            --label "${LABEL:+$LABEL }$side $cache n=$n $files $start r$round" --json "${JSON:-$OUT/matrix.jsonl}"
     else
         echo "$side did not start"; tail -n 5 "$W"/*.log
     fi
