@@ -3,7 +3,8 @@
 # against refact-gguf serve and llama-server on one GGUF and one llama.cpp build (LLAMA_CPP_LIB_PATH),
 # the same client (benchmarks/team_replay.py, greedy, n_predict 16), sides alternating by round.
 #   cells: TYPISTS × FILES (window: llama.vim's 256/64 lines; whole: the whole file, prompts up to the
-#          context) × STARTS (together; staggered: typist i starts i × STAGGER_MS late)
+#          context) × STARTS (together; staggered: typist i starts i × STAGGER_MS late; switch: together,
+#          in a file, then in another, then back in the first, on one server)
 #   ours per cell, CACHES of: fresh (an empty cache directory), warm (a new server over the directory
 #   the fresh one left: an editor restarted next morning), midrun (a server over a fresh directory
 #   stopped after everyone's cold keystroke, their files still going in, then a new one over what it
@@ -41,11 +42,16 @@ one() {  # side cache n files start round
             --spm-infill ${LS_FLAGS:-} --port $port > "$W/llama-server.log" 2>&1 & pid=$!
     fi
     if wait_up $port; then
-        # shellcheck disable=SC2046  # the options are words
-        $PY benchmarks/team_replay.py --url "http://127.0.0.1:$port" --typists "$n" --keystrokes "${KEYSTROKES:-6}" \
-            --budget-ms "${BUDGET_MS:-600000}" $([ "$files" = whole ] && echo --whole-files) \
-            --stagger-ms $([ "$start" = staggered ] && echo "${STAGGER_MS:-10}" || echo 0) --pause-ms "${PAUSE_MS:-0}" \
-            --label "${LABEL:+$LABEL }$side $cache n=$n $files $start r$round" --json "${JSON:-$OUT/matrix.jsonl}"
+        # switch: everyone types in a file, then in another, then back in the first (return visits)
+        local visit visits="0:"; [ "$start" = switch ] && visits="0:-first 1:-other 0:-back"  # file offset:label
+        for visit in $visits; do
+            # shellcheck disable=SC2046  # the options are words
+            $PY benchmarks/team_replay.py --url "http://127.0.0.1:$port" --typists "$n" --keystrokes "${KEYSTROKES:-6}" \
+                --budget-ms "${BUDGET_MS:-600000}" $([ "$files" = whole ] && echo --whole-files) \
+                --stagger-ms $([ "$start" = staggered ] && echo "${STAGGER_MS:-10}" || echo 0) --pause-ms "${PAUSE_MS:-0}" \
+                --file-offset "${visit%%:*}" --label "${LABEL:+$LABEL }$side $cache n=$n $files $start${visit#*:} r$round" \
+                --json "${JSON:-$OUT/matrix.jsonl}"
+        done
     else
         echo "$side did not start"; tail -n 5 "$W"/*.log
     fi
