@@ -308,10 +308,17 @@ class Engine:
         becomes its short version, in `short_tokens`, first in line for a scratch sequence."""
         full = handle.task
         handle.task = full.short(short_tokens)
+        first = not any(layout.same_file(prompt, full.prompt) for prompt, _, _ in self._shortened)
+        # A file's first answer goes alone on a CPU where the rest of the file takes long anyway: a
+        # row beside a lone token is a pass of its own there (full-size model, two cores: 70 ms a
+        # token, 110 with one background row; the file's ~2,000 tokens take ~40 s whatever the share).
+        # Where the rest goes in within seconds (the small model: ~1 s), its background beside the
+        # first answer brings the next keystroke its full context.
+        handle.task.alone = first and not self.full_batches and len(slot.todo) / self.prompt_rate > WAIT_FOR_FULL_S
         full.prompt_deadline = full.deadline = None  # the client's limits are the short one's now
         full.short = full.prompt_budget = None  # it is background work from now on, never late
         full.max_tokens = 0  # prefill only, also when it resumes from the queue
-        if not any(layout.same_file(prompt, full.prompt) for prompt, _, _ in self._shortened):
+        if first:
             self._shortened = [*self._shortened[-(MAX_BACKGROUND * 4 - 1):], (full.prompt, time.perf_counter(), short_tokens)]
         background = Handle(full, None, None)
         background.background = True
@@ -459,6 +466,8 @@ class Engine:
         # prompt, 32 tokens at least, of a step nobody waits on (given up when a request comes).
         ctx, rate = self.ctx, self.prompt_rate or 0.0
         share = min(ctx.n_ubatch, max(1, int(rate * BACKGROUND_BESIDE_PEOPLE_S))) if people else max(32, int(rate * BACKGROUND_STEP_S))
+        if people and any(h.task.alone for h in self._active.values()):
+            share = 0
         return layout.plan(self._layout_view(), layout.Room(
             ctx.batch.capacity, ctx.n_ubatch, self.full_batches, share, len(self.slots)))
 

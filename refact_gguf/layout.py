@@ -85,6 +85,11 @@ def plan(sequences: list[Sequence], room: Room) -> list[Row]:
             share -= 1 + more
         chunk[s.seq] = 1 + more
         left -= more
+    if not (room.every_row and len(busy) > 1):
+        # A background job past the step's share is idle this step: at an end of the run of ids it
+        # needs no filler, which would cost a row (on a CPU, a lone answer's step +60%, full-size model).
+        rows_of = [s.seq for s in busy if s.generating or s.seq in chunk]
+        lo, hi = min(rows_of), max(rows_of)
     rows = []
     for s in sequences[lo : hi + 1]:
         if s.generating:

@@ -181,6 +181,7 @@ class Task:
     short: Callable[[int], Task] | None = None
     prompt_budget: float | None = None
     short_context: bool = False
+    alone: bool = False  # no background prompt rows beside it (the engine decides: engine._answer_short)
 
     def __post_init__(self) -> None:
         if not self.prompt:

@@ -192,6 +192,29 @@ def test_a_short_answer_waits_for_little_background_work(model, files):
         assert 0 < engine.stats.background_tokens <= 3 * engine.stats.steps < len(a), engine.stats
 
 
+class SlowerPrompts(Engine):
+    """Prompts at 50 tokens a second: a 200-token file's rest takes 4 s, as ~2,000 tokens take ~40 s
+    with the full-size model on two CPU cores."""
+
+    prompt_rate = property(lambda self: 50.0, lambda self, value: None)
+
+
+def test_a_files_first_answer_goes_alone_where_its_rest_takes_long(model, files):
+    """On a CPU a row beside a lone token is a pass of its own (full-size model, two cores: 70 ms a
+    token, 110 with a background row), for progress the file's long rest hardly notices: its first
+    answer decodes alone. The next keystroke's short answer carries the background share again."""
+    a, _, _, a2 = files
+    with SlowerPrompts(model, n_ctx=N_CTX, parallel=1, threads=2, cache=cache_for(model)) as engine:
+        for prompt, alone in ((a, True), (a2, False)):
+            short = engine.submit(keystroke(prompt))
+            before = engine.stats.background_tokens, engine.stats.fillers
+            while not short.done:
+                engine.tick()
+            assert short.wait(0).short_context and short.task.alone is alone
+            assert (engine.stats.background_tokens, engine.stats.fillers) == before if alone else \
+                engine.stats.background_tokens > before[0], engine.stats
+
+
 def test_a_cached_file_is_not_answered_short(model, files):
     a, _, _, a2 = files
     with SlowPrompts(model, n_ctx=N_CTX, parallel=1, threads=2, cache=cache_for(model)) as engine:

@@ -99,12 +99,13 @@ def test_background_takes_a_bounded_share_while_people_wait_and_a_ubatch_when_th
     assert alone[0].n == 128  # one ubatch at most: a step given up loses no finished ubatch
 
 
-def test_background_jobs_share_one_budget_oldest_first_and_the_rest_wait_as_fillers():
+def test_background_jobs_share_one_budget_oldest_first_and_the_rest_wait_idle():
     seqs = with_(idle(4), a=Sequence(0, generating=True), b=Sequence(1, todo=3000, background=True, rank=2),
                  c=Sequence(2, todo=3000, background=True, rank=1), d=Sequence(3, todo=3000, background=True, rank=3))
     rows = {r.seq: r for r in plan(seqs, CPU)}
     assert rows[2].kind == "prompt" and rows[2].n == CPU.background  # the oldest job takes the share
-    assert rows[1].kind == rows[3].kind == "filler"  # the others wait; the ids stay consecutive
+    assert rows[1].kind == "filler"  # the others wait; the ids stay consecutive
+    assert 3 not in rows  # at the end of the run a waiting job costs no row
     assert sum(r.n for r in rows.values() if r.kind == "prompt") == CPU.background
 
 
@@ -144,3 +145,11 @@ def test_two_prompts_are_one_file_when_they_share_their_head_or_a_run_from_the_m
     other = rng.integers(100, 49000, 400).tolist()
     assert not same_file(text[:400], other)
     assert not same_file(text[:REUSE_CHUNK], text[5 : REUSE_CHUNK + 5])  # too short to search: only the head counts
+
+
+def test_a_lone_answer_beside_a_job_past_its_share_decodes_alone_on_a_cpu():
+    # a cold file's job in the person's slot (0), its short answer on a scratch sequence (1)
+    seqs = [Sequence(0, todo=2000, background=True), Sequence(1, generating=True)]
+    rows = plan(seqs, Room(512, 512, False, 0))
+    assert [(r.seq, r.kind) for r in rows] == [(1, "token")]
+    assert [(r.seq, r.kind) for r in plan(seqs, Room(512, 512, False, 1))] == [(0, "prompt"), (1, "token")]
