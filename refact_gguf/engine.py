@@ -279,8 +279,7 @@ class Engine:
         if task.short is None or task.prompt_budget is None or not self.answers_short:
             return 0
         now = time.perf_counter()
-        since, size = next(((t, n) for prompt, t, n in self._shortened if layout.same_file(prompt, task.prompt)),
-                           (None, None))
+        since, size = self._answered_short(task.prompt) or (None, None)
         ahead = sum(len(s.todo) for s, h in self._active.items() if s is not slot and not h.background and not s.generating)
         wait_s = (len(slot.todo) + ahead) / self.prompt_rate
         if since is not None and now - since > SHORT_FOR_AT_MOST_S and len(slot.todo) / self.prompt_rate <= WAIT_FOR_FULL_S:
@@ -303,12 +302,16 @@ class Engine:
             size = 1 << max(4, int(self.prompt_rate * left_s * SHORT_SHARE / max(1, people)).bit_length() - 1)
         return size if size < len(task.prompt) else 0  # no shorter than the prompt itself
 
+    def _answered_short(self, prompt: list[int]) -> tuple[float, int] | None:
+        """Since when the file of `prompt` is answered short, and the size of its short prompts."""
+        return next(((t, n) for p, t, n in self._shortened if layout.same_file(p, prompt)), None)
+
     def _answer_short(self, slot: Slot, handle: Handle, short_tokens: int) -> None:
         """The full prompt goes on evaluating on `slot`, in the background; the person's request
         becomes its short version, in `short_tokens`, first in line for a scratch sequence."""
         full = handle.task
         handle.task = full.short(short_tokens)
-        first = not any(layout.same_file(prompt, full.prompt) for prompt, _, _ in self._shortened)
+        first = self._answered_short(full.prompt) is None
         # A file's first answer goes alone on a CPU where the rest of the file takes long anyway: a
         # row beside a lone token is a pass of its own there (full-size model, two cores: 70 ms a
         # token, 110 with one background row; the file's ~2,000 tokens take ~40 s whatever the share).
