@@ -99,7 +99,7 @@ def engine_sender(engine):
                            max_tokens=body["n_predict"], line=body["prompt"])
         c = engine.run(task)
         return True, {"prompt_n": c.tokens_evaluated, "predicted_n": c.tokens_predicted, "draft_n": c.draft_n,
-                      "draft_n_accepted": c.draft_accepted}
+                      "draft_n_accepted": c.draft_accepted, "prompt_ms": c.prompt_ms, "predicted_ms": c.predicted_ms}
 
     return send
 
@@ -134,7 +134,7 @@ def run(send, typists: int, keystrokes: int, n_predict: int, pause_s: float = 0.
             rows.append({"who": who, "k": k, "start": t0, "ms": (time.perf_counter() - t0) * 1e3, "ok": ok,
                          "prompt_n": t.get("prompt_n", 0), "predicted_n": t.get("predicted_n", 0),
                          "draft_n": t.get("draft_n", 0), "draft_n_accepted": t.get("draft_n_accepted", 0),
-                         "end": time.perf_counter()})
+                         "server_ms": t.get("prompt_ms", 0.0) + t.get("predicted_ms", 0.0), "end": time.perf_counter()})
 
     def typist(who: int) -> None:
         one(who, 0, plans[who][0])
@@ -176,6 +176,9 @@ def summarize(rows: list[dict], typists: int, keystrokes: int, n_predict: int) -
         # Servers stop at different places (ours at the FIM stop rules, llama-server at n_predict or
         # EOS): the time a generated token took, beside the keystroke's.
         "warm_ms_per_token": round(sum(r["ms"] for r in warm_ok) / max(1, sum(r["predicted_n"] for r in warm_ok)), 2),
+        # What a keystroke spent outside the server's own prompt and generation time (both servers
+        # report it alike, from the slot's start): HTTP, building the prompt, waiting for a slot.
+        "warm_outside_p50_ms": round(statistics.median(r["ms"] - r["server_ms"] for r in warm_ok), 1) if warm_ok else float("nan"),
         "warm_mean_prompt_n": round(statistics.mean(r["prompt_n"] for r in warm_ok), 2) if warm_ok else 0.0,
         "warm_mean_predicted_n": round(statistics.mean(r["predicted_n"] for r in warm_ok), 2) if warm_ok else 0.0,
         # Speculation (ours: --draft; llama-server: --spec-type), summed over the warm keystrokes.
