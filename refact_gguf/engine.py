@@ -85,8 +85,6 @@ class Engine:
         # Short answers run here, so a cold file's full prompt keeps its slot and its progress.
         self.scratch = [Slot(self.ctx, seq) for seq in range(parallel, parallel + n_scratch)]
         self._sequences = self.slots + self.scratch  # by sequence id
-        # Each person's keystroke resends a prefix and a suffix the tokenizer has seen: keep theirs.
-        model.token_cache.size = max(model.token_cache.size, 3 * parallel)
         self.max_queue = max_queue
         # On a GPU a change of batch shape costs a new compute graph: while several are busy every
         # step decodes one row per person's slot (fillers for idle ones) and reads every row's

@@ -23,6 +23,10 @@ TYPISTS = 4
 KEYSTROKES = 8
 STEADY = 4  # keystrokes from this one on are "after convergence"
 LINE = "    result = normalize(value, strict=True)"
+# Between a suggestion and the next keystroke, as a quick typist goes (10 keys a second). Sent back to
+# back, 8 keystrokes would take a few tens of ms with this tiny model: a second of short answers (the
+# engine's rule for converging a file) is never reached, nor any step nobody waits on.
+PAUSE_S = 0.1
 FILES = ("textwrap.py", "heapq.py", "difflib.py", "argparse.py")
 
 
@@ -54,6 +58,7 @@ def type_together(engine: Engine, sources, budget_ms: int = 1000) -> list[list]:
         handles = [engine.submit(service.fim(prefix, suffix, time.perf_counter(), line=typed, max_tokens=16))
                    for prefix, suffix in sources]
         rounds.append([h.wait(120) for h in handles])
+        time.sleep(PAUSE_S)
     return rounds
 
 

@@ -63,3 +63,41 @@ def test_a_fim_prompt_tokenizes_the_typed_line_as_the_whole_text_would(converted
         for ending in endings:
             p = build_prompt(m.tokenize, "import os\nimport sys\n\n" * 20 + ending, "\nreturn 0\n", budget=1000, line=line)
             assert p.tokens[p.tokens.index(FIM_PREFIX_ID) + 1 : -1] == m.tokenize(p.prefix), repr(ending)
+
+
+def test_a_teams_files_stay_in_the_token_cache(converted_f32, monkeypatch):
+    """Eight people typing in whole files: each keystroke's prompt finds its file's texts (prefix,
+    suffix, the cuts that fit them) tokenized already; only the typed line is new. A cache sized
+    by a count of entries made these lookups miss (~40 ms of tokenizing a keystroke)."""
+    from refact_gguf import tasks
+
+    def source(i: int) -> str:  # ~25 KB of code per file, each file its own
+        return "".join(f"def f{i}_{k}(x, y):\n    return x * {k} + y - {i}  # step {k}\n\n" for k in range(500))
+
+    with Model(converted_f32.base, vocab_only=True) as m:
+        misses = []
+        monkeypatch.setattr(m, "tokenize", lambda text, *a, _t=m.tokenize, **kw: misses.append(text) or _t(text, *a, **kw))
+        files = [source(i) for i in range(8)]
+        for typed in ("re", "ret", "retu"):
+            misses.clear()
+            for text in files:
+                cut = len(text) // 3
+                tasks.fim(m.tokenize_cached, 2048, text[:cut], text[cut:], max_tokens=16, line=typed, shortens=True)
+            if typed != "re":
+                assert len(misses) <= 2 * len(files), f"{len(misses)} texts tokenized again for {len(files)} keystrokes"
+
+
+def test_the_token_cache_is_bounded_by_the_text_it_holds():
+    from refact_gguf.llama import TokenCache
+
+    cache = TokenCache(max_chars=400)
+    for name in "ab":
+        cache.put(name * 100, [ord(name)])
+    assert cache.get("a" * 100) == [ord("a")]  # now the most recent
+    cache.put("c" * 100, [3])
+    cache.put("d" * 100, [4])  # 400 characters: all kept
+    cache.put("e" * 50, [5])  # 450: the least recently used goes
+    assert cache.get("b" * 100) is None
+    assert [cache.get(n * k) for n, k in (("a", 100), ("c", 100), ("d", 100), ("e", 50))] == [[97], [3], [4], [5]]
+    cache.put("f" * 101, [6])  # over a quarter of the bound: not kept, nothing pushed out
+    assert cache.get("f" * 101) is None and cache.get("a" * 100) == [97]
