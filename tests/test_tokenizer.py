@@ -87,6 +87,25 @@ def test_a_teams_files_stay_in_the_token_cache(converted_f32, monkeypatch):
                 assert len(misses) <= 2 * len(files), f"{len(misses)} texts tokenized again for {len(files)} keystrokes"
 
 
+def test_one_persons_extra_chunks_stay_in_the_token_cache(converted_f32, monkeypatch):
+    """llama.vim sends up to 16 chunks of other files (64 lines each) with every keystroke: with
+    the file's own texts, more than a count-bounded cache held, so each keystroke tokenized them all
+    again (~40 ms on two cores). Now only the typed line is new."""
+    from refact_gguf import tasks
+
+    chunks = ["".join(f"    value_{i}_{k} = compute({k}, {i})\n" for k in range(64)) for i in range(16)]
+    text = "".join(f"def g{k}(a):\n    return a + {k}\n\n" for k in range(300))
+    with Model(converted_f32.base, vocab_only=True) as m:
+        misses = []
+        monkeypatch.setattr(m, "tokenize", lambda text, *a, _t=m.tokenize, **kw: misses.append(text) or _t(text, *a, **kw))
+        for typed in ("re", "ret", "retu"):
+            misses.clear()
+            extra = [i for c in chunks for i in m.tokenize_cached("\n\n" + c)]
+            cut = len(text) // 2
+            tasks.fim(m.tokenize_cached, 2048, text[:cut], text[cut:], max_tokens=16, line=typed, extra=extra)
+        assert len(misses) <= 2, f"{len(misses)} texts tokenized again for one keystroke"
+
+
 def test_the_token_cache_is_bounded_by_the_text_it_holds():
     from refact_gguf.llama import TokenCache
 
