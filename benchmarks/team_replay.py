@@ -5,7 +5,8 @@ speaks llama-server's /infill (refact-gguf serve, llama-server).
 Each person's cursor is on a new line near line 110 of their file; the request carries what
 llama.vim sends (up to 256 lines before the cursor, 64 after, the typed part of the line in
 `prompt`), or with `--whole-files` everything before the cursor and the rest of the file (prompts up
-to the context limit, cut by the server). Phase 1: everyone's first (cold) request at once. Phase 2,
+to the context limit, cut by the server); with `--extra-chunks N`, also what llama.vim's ring buffer
+adds (`input_extra`: N chunks of 64 lines from other files, the same each keystroke). Phase 1: everyone's first (cold) request at once. Phase 2,
 after all have answered: `--keystrokes` warm keystrokes each, together or `--stagger-ms` apart.
 Greedy for every server alike (`top_k: 1`, `samplers: ["top_k"]`, temperature 0); tokens
 evaluated and generated are reported beside latency, and against refact-gguf the engine's own
@@ -42,7 +43,7 @@ def files(n: int, offset: int = 0) -> list[Path]:
 
 
 def requests(path: Path, keystrokes: int, n_predict: int, whole: bool = False, budget_ms: int = 600000,
-             retype: bool = False) -> list[dict]:
+             retype: bool = False, extra: list[dict] | None = None) -> list[dict]:
     lines = path.read_text(errors="replace").splitlines(keepends=True)
     cursor = min(110, len(lines) - 65)
     typed = LINE
@@ -53,10 +54,16 @@ def requests(path: Path, keystrokes: int, n_predict: int, whole: bool = False, b
     suffix = "\n" + "".join(lines[cursor : None if whole else cursor + 64])
     step = max(1, len(typed) // (keystrokes + 1))
     return [{
-        "input_prefix": prefix, "input_suffix": suffix, "input_extra": [], "prompt": typed[: k * step],
+        "input_prefix": prefix, "input_suffix": suffix, "input_extra": extra or [], "prompt": typed[: k * step],
         "n_predict": n_predict, "n_indent": 0, "top_k": 1, "samplers": ["top_k"], "temperature": 0.0,
         "stream": False, "cache_prompt": True, "t_max_prompt_ms": budget_ms, "t_max_predict_ms": 600000,
     } for k in range(keystrokes + 1)]
+
+
+def ring_chunks(n: int, offset: int) -> list[dict]:
+    """llama.vim's ring buffer (its defaults: 16 chunks of 64 lines): n chunks of other files."""
+    return [{"filename": p.name, "text": "".join(p.read_text(errors="replace").splitlines(keepends=True)[40:104])}
+            for p in files(n, offset)]
 
 
 def server_counters(url: str) -> dict | None:
@@ -91,12 +98,14 @@ def http_sender(url: str, keys: list[str] | None = None):
 def engine_sender(engine):
     """One request straight to refact-gguf's engine, built as the server builds it."""
     from refact_gguf.server import Limits, Service
+    from refact_gguf.server.llama_api import extra_ids
 
     service = Service(engine, "replay", Limits(prompt_budget_ms=0))
 
     def send(who: int, body: dict) -> tuple[bool, dict]:
         task = service.fim(body["input_prefix"], body["input_suffix"], time.perf_counter(),
-                           max_tokens=body["n_predict"], line=body["prompt"])
+                           max_tokens=body["n_predict"], line=body["prompt"],
+                           extra=extra_ids(service, [c["text"] for c in body["input_extra"]]))
         c = engine.run(task)
         return True, {"prompt_n": c.tokens_evaluated, "predicted_n": c.tokens_predicted, "draft_n": c.draft_n,
                       "draft_n_accepted": c.draft_accepted, "prompt_ms": c.prompt_ms, "predicted_ms": c.predicted_ms}
@@ -117,11 +126,13 @@ def replay(send, typists: int, keystrokes: int, n_predict: int, counters=lambda:
 
 def run(send, typists: int, keystrokes: int, n_predict: int, pause_s: float = 0.0, whole: bool = False,
         budget_ms: int = 600000, stagger_ms: float = 0.0, retype: bool = False, file_offset: int = 0,
-        on_warm=lambda: None) -> list[dict]:
+        extra_chunks: int = 0, on_warm=lambda: None) -> list[dict]:
     """Phase 1 (every first, cold request at once), then phase 2 (warm keystrokes, `pause_s`
     apart, typist i starting `i * stagger_ms` late): one row a request, `end` and `start` on
     time.perf_counter()'s clock. `on_warm` runs once between the phases."""
-    plans = [requests(p, keystrokes, n_predict, whole, budget_ms, retype) for p in files(typists, file_offset)]
+    # The ring's chunks come from files half the pool away from the typists' own.
+    extra = ring_chunks(extra_chunks, file_offset + 50) if extra_chunks else None
+    plans = [requests(p, keystrokes, n_predict, whole, budget_ms, retype, extra) for p in files(typists, file_offset)]
     rows: list[dict] = []
     lock = threading.Lock()
     cold_done = threading.Barrier(typists + 1)
@@ -207,12 +218,13 @@ def main() -> None:
     ap.add_argument("--retype", action="store_true",
                     help="type the file's own line at the cursor (it leaves the suffix), not a made-up one: what a trained model can predict")
     ap.add_argument("--file-offset", type=int, default=0, help="start the pool of files this many files on (other files, same sizes)")
+    ap.add_argument("--extra-chunks", type=int, default=0, help="input_extra chunks a request carries, as llama.vim's ring buffer (its default: 16)")
     ap.add_argument("--label", default="")
     ap.add_argument("--json", type=Path, help="append the summary as one JSON line")
     args = ap.parse_args()
     options = {"whole": args.whole_files, "stagger_ms": args.stagger_ms, "budget_ms": args.budget_ms,
                "pause_s": args.pause_ms / 1e3, "retype": args.retype,
-               "file_offset": args.file_offset}
+               "file_offset": args.file_offset, "extra_chunks": args.extra_chunks}
     if args.url:
         url = args.url.rstrip("/")
         summary = replay(http_sender(url), args.typists, args.keystrokes, args.n_predict, lambda: server_counters(url), **options)

@@ -116,6 +116,11 @@ async def health(request: Request):
     return {"status": "ok", **engine.load(), "engine": asdict(engine.stats), "prompt_cache": saved}
 
 
+def extra_ids(service: Service, chunks: list[str]) -> list[int]:
+    """`input_extra`'s chunks (other files' snippets), each after llama-server's separator."""
+    return [i for text in chunks for i in service.tokenize(SNIPPET_SEPARATOR + text)]
+
+
 @router.post("/infill")
 async def infill(body: InfillRequest, request: Request):
     service: Service = request.app.state.service
@@ -123,9 +128,7 @@ async def infill(body: InfillRequest, request: Request):
     start = time.perf_counter()
 
     def build() -> Task:
-        extra: list[int] = []
-        for c in body.input_extra:
-            extra += service.tokenize(SNIPPET_SEPARATOR + c.text)
+        extra = extra_ids(service, [c.text for c in body.input_extra])
         task = service.fim(
             body.input_prefix, body.input_suffix, start, body.t_max_prompt_ms if body.t_max_prompt_ms > 0 else None,
             body.cache_prompt, order=body.fim_order, max_tokens=n_predict, sampling=body.sampling(), line=body.prompt,
