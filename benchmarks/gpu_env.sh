@@ -17,9 +17,8 @@ export PYTHONPATH="/tmp/site:$PWD:$SRC_ROOT/llama_cpp_python-0.3.36"
 export SRC=$SRC_ROOT/llama_cpp_python-0.3.36/vendor/llama.cpp
 # The host CPU has AMX: built as scripts/setup.sh builds it there (no AMX, llama.cpp#20824), so the
 # measured build is the one users run and `bench` does not warn.
-NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-grep -qw amx_int8 /proc/cpuinfo 2>/dev/null || NO_AMX=""
-export NO_AMX
+source scripts/no_amx.sh
+export NO_AMX  # cuda_configure is exported to child shells too
 cuda_configure() {
     local dir=$1
     shift

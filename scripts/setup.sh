@@ -33,10 +33,9 @@ working() {
 VPY=.venv/bin/python
 $VPY -m pip install -q -U pip
 
-# llama.cpp's AMX kernels segfault on AMX CPUs (llama.cpp#20824). Build without AMX there, and
-# only there: the flags are x86-only, and every other feature (AVX-512, VNNI, repacking) stays.
-if [ "$(uname -m)" = "x86_64" ] && grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
-    NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# llama.cpp's AMX kernels segfault on AMX CPUs (llama.cpp#20824): build without AMX there, and only there.
+source scripts/no_amx.sh
+if [ -n "$NO_AMX" ]; then
     export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_C_FLAGS=\"$NO_AMX\" -DCMAKE_CXX_FLAGS=\"$NO_AMX\""
     say "AMX CPU: building llama.cpp without AMX (CMAKE_ARGS=$CMAKE_ARGS)"
 fi
