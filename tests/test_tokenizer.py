@@ -7,6 +7,7 @@ import pytest
 
 from refact_gguf.llama import Model
 from refact_gguf.convert.synthetic import tokenizer_json
+from refact_gguf.server.llama_api import SNIPPET_SEPARATOR
 
 from .conftest import VOCAB_GGUF
 
@@ -65,6 +66,14 @@ def test_a_fim_prompt_tokenizes_the_typed_line_as_the_whole_text_would(converted
             assert p.tokens[p.tokens.index(FIM_PREFIX_ID) + 1 : -1] == m.tokenize(p.prefix), repr(ending)
 
 
+def _tokenized(m: Model, monkeypatch) -> list[str]:
+    """The texts `m` tokenizes from now on (those its token cache did not hold)."""
+    texts: list[str] = []
+    tokenize = m.tokenize
+    monkeypatch.setattr(m, "tokenize", lambda text, *a, **kw: texts.append(text) or tokenize(text, *a, **kw))
+    return texts
+
+
 def test_a_teams_files_stay_in_the_token_cache(converted_f32, monkeypatch):
     """Eight people typing in whole files: each keystroke's prompt finds its file's texts (prefix,
     suffix, the cuts that fit them) tokenized already; only the typed line is new. A cache sized
@@ -75,8 +84,7 @@ def test_a_teams_files_stay_in_the_token_cache(converted_f32, monkeypatch):
         return "".join(f"def f{i}_{k}(x, y):\n    return x * {k} + y - {i}  # step {k}\n\n" for k in range(500))
 
     with Model(converted_f32.base, vocab_only=True) as m:
-        misses = []
-        monkeypatch.setattr(m, "tokenize", lambda text, *a, _t=m.tokenize, **kw: misses.append(text) or _t(text, *a, **kw))
+        misses = _tokenized(m, monkeypatch)
         files = [source(i) for i in range(8)]
         for typed in ("re", "ret", "retu"):
             misses.clear()
@@ -96,11 +104,10 @@ def test_one_persons_extra_chunks_stay_in_the_token_cache(converted_f32, monkeyp
     chunks = ["".join(f"    value_{i}_{k} = compute({k}, {i})\n" for k in range(64)) for i in range(16)]
     text = "".join(f"def g{k}(a):\n    return a + {k}\n\n" for k in range(300))
     with Model(converted_f32.base, vocab_only=True) as m:
-        misses = []
-        monkeypatch.setattr(m, "tokenize", lambda text, *a, _t=m.tokenize, **kw: misses.append(text) or _t(text, *a, **kw))
+        misses = _tokenized(m, monkeypatch)
         for typed in ("re", "ret", "retu"):
             misses.clear()
-            extra = [i for c in chunks for i in m.tokenize_cached("\n\n" + c)]
+            extra = [i for c in chunks for i in m.tokenize_cached(SNIPPET_SEPARATOR + c)]  # as /infill does
             cut = len(text) // 2
             tasks.fim(m.tokenize_cached, 2048, text[:cut], text[cut:], max_tokens=16, line=typed, extra=extra)
         assert len(misses) <= 2, f"{len(misses)} texts tokenized again for one keystroke"
