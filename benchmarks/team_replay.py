@@ -7,10 +7,11 @@ llama.vim sends (up to 256 lines before the cursor, 64 after, the typed part of 
 `prompt`), or with `--whole-files` everything before the cursor and the rest of the file (prompts up
 to the context limit, cut by the server); with `--extra-chunks N`, also what llama.vim's ring buffer
 adds (`input_extra`: N chunks of 64 lines from other files, the same each keystroke). Phase 1:
-everyone's first (cold) request at once. Phase 2, after all have answered: `--keystrokes` warm keystrokes each, together or `--stagger-ms` apart.
-Greedy for every server alike (`top_k: 1`, `samplers: ["top_k"]`, temperature 0); tokens
-evaluated and generated are reported beside latency, and against refact-gguf the engine's own
-counters over the warm phase (saves, restores, short answers, background tokens).
+everyone's first (cold) request at once. Phase 2, after all have answered: `--keystrokes` warm
+keystrokes each, together or `--stagger-ms` apart. Greedy for every server alike (`top_k: 1`,
+`samplers: ["top_k"]`, temperature 0); tokens evaluated and generated are reported beside latency,
+and against refact-gguf the engine's own counters over the warm phase (saves, restores, short
+answers, background tokens).
 
     python benchmarks/team_replay.py --url http://127.0.0.1:8012 --typists 8
     python benchmarks/team_replay.py --url http://127.0.0.1:8080 --typists 8 --label llama-server --json out.json
