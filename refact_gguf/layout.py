@@ -8,7 +8,7 @@ ones gets a filler token (decoded, then removed from its cache): without it ever
 costs one more pass over the weights (32 typists ran at 66 ms a step instead of ~8). Beyond one
 token, a sequence's prompt tokens go to a ubatch of their own — one more pass for the whole step —
 worth it only for a long prompt: the few tokens a keystroke adds go one a step while others share
-the batch. Background prompts (a cold file's full context) take a bounded share of a step people
+the batch, and on a GPU alone too (a step of another shape costs CUDA its graph). Background prompts (a cold file's full context) take a bounded share of a step people
 wait on, and up to a ubatch of a step nobody waits on.
 """
 
@@ -20,6 +20,11 @@ from typing import Literal
 import numpy as np
 
 DRIBBLE = 32  # prompts up to this many new tokens are fed one token a step when the batch is shared
+# On a GPU a lone sequence's prompt up to this many tokens goes one a step too, each row an output,
+# so every step keeps the one-token shape. llama.cpp replays a CUDA graph only after two steps of one
+# shape: a keystroke's 2-3 token step (4.1 ms, H100, full-size model) cost the next two steps 3.2 and
+# 3.3 ms against 1.75, ~7 ms for what takes 1.75 a token one a step.
+LONE_DRIBBLE = 4
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,8 @@ def plan(sequences: list[Sequence], room: Room) -> list[Row]:
     # Short answers' prompts first (each sized to its share of the budget; behind a file's whole
     # prompt, their few tokens went in one a step and missed the budget), then first come, first served.
     for s in sorted((s for s in busy if not s.generating), key=lambda s: (not s.short, s.rank)):
-        whole = len(busy) == 1 or s.todo > DRIBBLE or s.short
+        alone = len(busy) == 1 and not (room.every_row and s.todo <= LONE_DRIBBLE)
+        whole = alone or s.todo > DRIBBLE or s.short
         more = min(s.todo - 1, left) if whole else 0
         if s.background:
             if share <= 0:  # the step's share is spent (oldest job first): a filler this time

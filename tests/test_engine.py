@@ -230,6 +230,11 @@ def test_a_lone_request_decodes_alone_in_the_gpu_layout_and_its_steps_are_measur
                 draft=4) as engine:
         drive(engine, [engine.submit(Task(list(sample_tokens[:30]), 8))])
         assert engine.stats.fillers == 0 and engine.drafter.lone_step_s is not None
+        # The next keystroke's 3 new tokens go one a step: every step one token (CUDA keeps its graph).
+        steps, tokens = engine.stats.steps, engine.stats.batch_tokens
+        got = drive(engine, [engine.submit(Task(list(sample_tokens[:33]), 8))])[0]
+        assert got.text == alone(model, sample_tokens[:33], 8).text
+        assert engine.stats.steps - steps == engine.stats.batch_tokens - tokens == 3 + 7
         drive(engine, [engine.submit(Task(list(sample_tokens[:20]), 8)), engine.submit(Task(list(sample_tokens[40:60]), 8))])
         assert engine.stats.fillers > 0  # two at once: a row for every person's slot, the idle third too
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refact_gguf.layout import DRIBBLE, REUSE_CHUNK, Room, Sequence, draft, plan, same_file
+from refact_gguf.layout import DRIBBLE, LONE_DRIBBLE, REUSE_CHUNK, Room, Sequence, draft, plan, same_file
 
 CPU = Room(capacity=512, n_ubatch=128, every_row=False, background=32)
 GPU = Room(capacity=512, n_ubatch=512, every_row=True, background=128)
@@ -67,6 +67,14 @@ def test_a_keystrokes_few_tokens_go_one_a_step_beside_others_and_all_at_once_alo
     assert [(r.kind, r.n, r.answer) for r in beside] == [("token", 1, True), ("prompt", 1, False)]
     alone = plan(with_(idle(2), b=typing), CPU)
     assert [(r.kind, r.n, r.answer) for r in alone] == [("prompt", 3, True)]
+
+
+def test_on_a_gpu_a_lone_keystrokes_few_tokens_go_one_a_step_each_an_output():
+    """Every step one token, one output: the shape CUDA replays its graph for."""
+    for todo, rows in ((1, [("prompt", 1, True, True)]), (LONE_DRIBBLE, [("prompt", 1, True, False)]),
+                       (LONE_DRIBBLE + 1, [("prompt", LONE_DRIBBLE + 1, True, True)])):
+        got = plan(with_(idle(3), b=Sequence(1, todo=todo)), GPU)
+        assert [(r.kind, r.n, r.output, r.answer) for r in got] == rows
 
 
 def test_a_long_prompt_and_a_short_answer_go_in_whole_beside_others():
