@@ -11,7 +11,9 @@
 #   ab:      the matrix's cells (fresh caches) for the checkout's package and for the one carried in .ab/
 #            (`git archive BASE refact_gguf | tar -x -C .ab`: the build before a change), and llama-server,
 #            ROUNDS rounds, the three sides' order reversed each round
-#   bash benchmarks/gpu_team.sh [all|batched|team|keystroke|matrix|ab|setup]     (TYPISTS="1 8" for fewer team sizes)
+#   steps:   the engine's tick against a plain decode loop (benchmarks/engine_steps.py), then one typist's
+#            steps traced through the server (benchmarks/step_trace.py)
+#   bash benchmarks/gpu_team.sh [all|batched|team|keystroke|matrix|ab|steps|setup]     (TYPISTS="1 8" for fewer team sizes)
 # llama.cpp is built from the carried sdist into .gpu/ (ignored by git), which a warm machine keeps
 # between calls. Needs, carried beside the repo: .whl/ and .sdist/llama-src.tar.gz (docs/benchmarks.md).
 STEPS=${1:-all}
@@ -65,6 +67,21 @@ if [ "$STEPS" = ab ]; then
                 bash benchmarks/replay_matrix.sh "$M" "$B"
         done
     done
+    log "done"
+    exit 0
+fi
+if [ "$STEPS" = steps ]; then
+    log "engine ticks against a plain decode loop; one typist's steps traced"
+    python3 benchmarks/engine_steps.py "$M" --gpu-layers 99 -t 16 --parallel 1 8 32 --depth 2000 | tee "$OUT/engine_steps.txt"
+    source "$(dirname "$0")/wait_up.sh"
+    rm -rf "$W/kv-trace"
+    python3 benchmarks/step_trace.py "$OUT/trace.json" serve -m "$M" --gpu-layers 99 -t 16 --parallel 1 --port 8012 \
+        --cache-dir "$W/kv-trace" > "$W/serve.log" 2>&1 &
+    pid=$!
+    wait_up 8012 60 && python3 benchmarks/team_replay.py --url http://127.0.0.1:8012 --typists 1 --keystrokes 12 \
+        --whole-files --budget-ms 500 --label trace > "$OUT/trace_replay.json"
+    kill $pid; wait $pid
+    python3 benchmarks/step_trace.py "$OUT/trace.json"
     log "done"
     exit 0
 fi
