@@ -45,7 +45,9 @@ from .tasks import Completion, OnText, Task
 SNAPSHOT_AFTER_S = 2.0  # idle this long: write the slots' caches to disk
 # A step of background prefill nobody waits on lasts about this long, and holds at least 32 tokens
 # (~0.7 s with the full-size model on two CPU cores): a request arriving gives it up, losing it (at
-# 1 s, a person pausing a second between keystrokes lost nearly every one).
+# 1 s, a person pausing a second between keystrokes lost nearly every one). llama.cpp's CUDA backend
+# ignores the abort callback (only its CPU and Metal backends take one): on a GPU such a step is one
+# ubatch at most (layout.plan), 512 tokens, ~35 ms on an H100, the longest a request waits behind it.
 BACKGROUND_STEP_S = 0.25
 # Background prefill in a step people wait on: about this long (at the measured prompt rate, at least
 # a token, at most a ubatch). A GPU's step takes its ubatch; two CPU cores with the full-size model,
