@@ -9,7 +9,7 @@
 #   matrix:  benchmarks/replay_matrix.sh (issue #25's cells: typists × whole files or 256/64 lines ×
 #            together or staggered; ours fresh and over the cache an earlier server left; llama-server)
 #   ab:      the matrix's cells (fresh caches) for the checkout's package and for the one carried in .ab/
-#            (`git archive BASE refact_gguf | tar -x -C .ab`: the build before a change), and llama-server,
+#            (`git archive BASE refact_gguf models.toml | tar -x -C .ab`: the build before a change), and llama-server,
 #            ROUNDS rounds, the three sides' order reversed each round
 #   steps:   the engine's tick against a plain decode loop (benchmarks/engine_steps.py), then one typist's
 #            steps traced through the server (benchmarks/step_trace.py)
@@ -55,7 +55,8 @@ if [ "$STEPS" = matrix ]; then
     exit 0
 fi
 if [ "$STEPS" = ab ]; then
-    [ -d .ab/refact_gguf ] || { log "carry .ab (the package before the change)"; exit 1; }
+    # -e follows the package's models.toml link: without the file beside it, "before" never starts
+    [ -e .ab/refact_gguf/models.toml ] || { log "carry .ab: git archive BASE refact_gguf models.toml | tar -x -C .ab"; exit 1; }
     for round in $(seq "${FIRST_ROUND:-1}" "${ROUNDS:-2}"); do  # FIRST_ROUND: a later call goes on where one stopped
         if [ $((round % 2)) = 1 ]; then order="before after theirs"; else order="theirs after before"; fi
         for side in $order; do
