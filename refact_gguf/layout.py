@@ -8,8 +8,9 @@ ones gets a filler token (decoded, then removed from its cache): without it ever
 costs one more pass over the weights (32 typists ran at 66 ms a step instead of ~8). Beyond one
 token, a sequence's prompt tokens go to a ubatch of their own — one more pass for the whole step —
 worth it only for a long prompt: the few tokens a keystroke adds go one a step while others share
-the batch, and on a GPU alone too (a step of another shape costs CUDA its graph). Background prompts (a cold file's full context) take a bounded share of a step people
-wait on, and up to a ubatch of a step nobody waits on.
+the batch, and on a GPU alone too (a step of another shape costs CUDA its graph). Background
+prompts (a cold file's full context) take a bounded share of a step people wait on, and up to a
+ubatch of a step nobody waits on.
 """
 
 from __future__ import annotations
