@@ -106,7 +106,7 @@ def engine_sender(engine):
     def send(who: int, body: dict) -> tuple[bool, dict]:
         task = service.fim(body["input_prefix"], body["input_suffix"], time.perf_counter(),
                            max_tokens=body["n_predict"], line=body["prompt"],
-                           extra=extra_ids(service, [c["text"] for c in body["input_extra"]]))
+                           extra=extra_ids(service.tokenize, [c["text"] for c in body["input_extra"]]))
         c = engine.run(task)
         return True, {"prompt_n": c.tokens_evaluated, "predicted_n": c.tokens_predicted, "draft_n": c.draft_n,
                       "draft_n_accepted": c.draft_accepted, "prompt_ms": c.prompt_ms, "predicted_ms": c.predicted_ms}

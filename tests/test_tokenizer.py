@@ -7,7 +7,7 @@ import pytest
 
 from refact_gguf.llama import Model
 from refact_gguf.convert.synthetic import tokenizer_json
-from refact_gguf.server.llama_api import SNIPPET_SEPARATOR
+from refact_gguf.server.llama_api import extra_ids
 
 from .conftest import VOCAB_GGUF
 
@@ -107,7 +107,7 @@ def test_one_persons_extra_chunks_stay_in_the_token_cache(converted_f32, monkeyp
         misses = _tokenized(m, monkeypatch)
         for typed in ("re", "ret", "retu"):
             misses.clear()
-            extra = [i for c in chunks for i in m.tokenize_cached(SNIPPET_SEPARATOR + c)]  # as /infill does
+            extra = extra_ids(m.tokenize_cached, chunks)  # as /infill does
             cut = len(text) // 2
             tasks.fim(m.tokenize_cached, 2048, text[:cut], text[cut:], max_tokens=16, line=typed, extra=extra)
         assert len(misses) <= 2, f"{len(misses)} texts tokenized again for one keystroke"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
@@ -116,9 +116,9 @@ async def health(request: Request):
     return {"status": "ok", **engine.load(), "engine": asdict(engine.stats), "prompt_cache": saved}
 
 
-def extra_ids(service: Service, chunks: list[str]) -> list[int]:
+def extra_ids(tokenize: Callable[[str], list[int]], chunks: list[str]) -> list[int]:
     """`input_extra`'s chunks (other files' snippets), each after llama-server's separator."""
-    return [i for text in chunks for i in service.tokenize(SNIPPET_SEPARATOR + text)]
+    return [i for text in chunks for i in tokenize(SNIPPET_SEPARATOR + text)]
 
 
 @router.post("/infill")
@@ -128,7 +128,7 @@ async def infill(body: InfillRequest, request: Request):
     start = time.perf_counter()
 
     def build() -> Task:
-        extra = extra_ids(service, [c.text for c in body.input_extra])
+        extra = extra_ids(service.tokenize, [c.text for c in body.input_extra])
         task = service.fim(
             body.input_prefix, body.input_suffix, start, body.t_max_prompt_ms if body.t_max_prompt_ms > 0 else None,
             body.cache_prompt, order=body.fim_order, max_tokens=n_predict, sampling=body.sampling(), line=body.prompt,
