@@ -10,7 +10,6 @@ On a GPU `llama_decode` returns before the step is done: `run` is its launch, `l
 from __future__ import annotations
 
 import argparse
-import collections
 import statistics
 import time
 
@@ -20,10 +19,11 @@ from refact_gguf.prompt_cache import PromptCache
 from refact_gguf.tasks import Task
 
 STEPS = 64
-PARTS = collections.defaultdict(float)  # seconds in each wrapped method since the last clear
+PARTS: dict[str, float] = {}  # seconds in each wrapped method since the last clear
 
 
-def timed(cls, name: str) -> None:
+def timed(cls, name: str, parts: dict[str, float]) -> None:
+    """`cls.name` from now on adds the seconds of each call to `parts[name]`."""
     f = getattr(cls, name)
 
     def wrapper(*a, **k):
@@ -31,7 +31,7 @@ def timed(cls, name: str) -> None:
         try:
             return f(*a, **k)
         finally:
-            PARTS[name] += time.perf_counter() - t
+            parts[name] = parts.get(name, 0.0) + time.perf_counter() - t
 
     setattr(cls, name, wrapper)
 
@@ -91,9 +91,9 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=1500, help="tokens in each sequence's cache")
     args = ap.parse_args()
     for name in ("_plan", "_lay_out", "_advance", "_pick", "_admit", "_yield_background"):
-        timed(E.Engine, name)
+        timed(E.Engine, name, PARTS)
     for name in ("run", "logits"):
-        timed(L.Context, name)
+        timed(L.Context, name, PARTS)
     model = Model(args.model, args.gpu_layers)
     for p in args.parallel:
         plain = min(plain_loop(model, p, args.depth, args.threads) for _ in range(2))

@@ -18,25 +18,13 @@ import time
 
 
 def trace(path: str, argv: list[str]) -> None:
+    from engine_steps import timed  # beside this script
     from refact_gguf import engine, llama
     from refact_gguf.cli import main
 
     steps, current = [], {}
-
-    def timed(name):
-        f = getattr(llama.Context, name)
-
-        def wrapper(*a, **k):
-            t = time.perf_counter()
-            try:
-                return f(*a, **k)
-            finally:
-                current[name] = current.get(name, 0.0) + time.perf_counter() - t
-
-        setattr(llama.Context, name, wrapper)
-
-    timed("run")
-    timed("logits")
+    timed(llama.Context, "run", current)
+    timed(llama.Context, "logits", current)
     step = engine.Engine.step
 
     def traced(self):
