@@ -16,10 +16,12 @@ does not use goes to the other. Cuts are reported, never silent.
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass
 from typing import Callable, Literal
 
 from .errors import InputError
+from .lru import TextLRU
 from .tokens import FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID
 
 Tokenize = Callable[[str], list[int]]
@@ -101,6 +103,56 @@ def _last_line_break(text: str) -> int:
     return max(i, 0)
 
 
+@dataclass(frozen=True)
+class Cut:
+    """A file's prefix and suffix cut to fit a room: what a keystroke on the cursor's line leaves
+    as it was (an editor sends the whole file again each time; only the typed line changes)."""
+
+    prefix: str
+    prefix_ids: list[int] | array.array
+    head_ids: list[int] | array.array  # the ids of prefix[:line_break], which the typed line cannot merge into
+    line_break: int  # _last_line_break(prefix)
+    suffix: str
+    suffix_ids: list[int] | array.array
+    prefix_truncated: bool
+    suffix_truncated: bool
+
+
+def cut(tokenize: Tokenize, prefix: str, suffix: str, room: int) -> Cut:
+    """`prefix` and `suffix` cut to `room` tokens: the suffix gets at most `SUFFIX_SHARE` of it,
+    and what one side does not use goes to the other."""
+    suffix_ids_full = tokenize(suffix)
+    prefix_ids_full = tokenize(prefix)
+    suffix_budget = min(len(suffix_ids_full), max(int(room * SUFFIX_SHARE), room - len(prefix_ids_full)))
+    suffix_text, suffix_ids, suffix_cut = _fit(tokenize, suffix, suffix_budget, "head", suffix_ids_full)
+    prefix_text, prefix_ids, prefix_cut = _fit(tokenize, prefix, room - len(suffix_ids), "tail", prefix_ids_full)
+    # The line can merge only with what follows the prefix's last line break: before it the
+    # tokens are the prefix's own, the same text every keystroke.
+    line_break = _last_line_break(prefix_text)
+    head_ids = tokenize(prefix_text[:line_break]) if line_break else []
+    return Cut(prefix_text, prefix_ids, head_ids, line_break, suffix_text, suffix_ids, prefix_cut, suffix_cut)
+
+
+class Cuts(TextLRU[Cut]):
+    """`cut` for one tokenizer, the last files' cuts kept (lru.py). Cutting a whole file's prompt
+    again took ~1.1 ms a keystroke on two CPU cores though its texts' ids came from the token cache:
+    fitting them walks the file's lines and copies its ids."""
+
+    def __init__(self, max_chars: int = 8 << 20):  # ~8 Mi characters of prefix and suffix: a team's files several times over
+        super().__init__(max_chars)
+
+    def __call__(self, tokenize: Tokenize, prefix: str, suffix: str, room: int) -> Cut:
+        key = (prefix, suffix, room)
+        held = self.get(key)
+        if held is None:
+            c = cut(tokenize, prefix, suffix, room)
+            # Ids as int32 arrays: 4 bytes a token, not a Python int's 36.
+            held = Cut(c.prefix, array.array("i", c.prefix_ids), array.array("i", c.head_ids), c.line_break, c.suffix,
+                       array.array("i", c.suffix_ids), c.prefix_truncated, c.suffix_truncated)
+            self.put(key, held, len(prefix) + len(suffix))
+        return held
+
+
 LINE_RESERVE = 64  # tokens kept free for the line being typed, so typing never moves the prefix cut
 
 
@@ -112,6 +164,7 @@ def build_prompt(
     order: Order = "spm",
     line: str = "",
     extra: list[int] | tuple[int, ...] = (),
+    cuts: Cuts | None = None,
 ) -> FimPrompt:
     """Token ids of a FIM prompt within `budget` tokens (specials included). No BOS.
 
@@ -120,28 +173,23 @@ def build_prompt(
     `LINE_RESERVE` tokens of it, empty or not), so a keystroke changes only the last tokens of
     an SPM prompt, the first one on a new line included. `extra` (ids of other files' snippets) goes
     first and gets what prefix and suffix leave. `tokenize` must not parse special tokens:
-    source code containing "<fim_suffix>" stays text.
+    source code containing "<fim_suffix>" stays text. `cuts`: where the cut of the last files'
+    prefix and suffix is kept for their next keystrokes.
     """
     if order not in ("spm", "psm"):
         raise InputError(f"unknown FIM order {order!r}", "use 'spm' or 'psm'")
     line_ids = tokenize(line) if line else []
     reserve = min(LINE_RESERVE, budget // 4)  # depends on the budget alone: typing never moves it
     room = max(0, budget - 3 - max(len(line_ids), reserve))
-    suffix_ids_full = tokenize(suffix)
-    prefix_ids_full = tokenize(prefix)
-    suffix_budget = min(len(suffix_ids_full), max(int(room * SUFFIX_SHARE), room - len(prefix_ids_full)))
-    suffix_text, suffix_ids, suffix_cut = _fit(tokenize, suffix, suffix_budget, "head", suffix_ids_full)
-    prefix_text, prefix_ids, prefix_cut = _fit(tokenize, prefix, room - len(suffix_ids), "tail", prefix_ids_full)
+    c = (cuts or cut)(tokenize, prefix, suffix, room)
+    prefix_ids = c.prefix_ids
     if line:
-        # The line can merge only with what follows the prefix's last line break: before it the
-        # tokens are the prefix's own, the same text every keystroke (a cached tokenization; the
-        # whole kept prefix again was ~2.3 ms a keystroke on two CPU cores).
-        cut = _last_line_break(prefix_text)
-        prefix_ids = (tokenize(prefix_text[:cut]) if cut else []) + tokenize(prefix_text[cut:] + line)
+        prefix_ids = [*c.head_ids, *tokenize(c.prefix[c.line_break:] + line)]
+    suffix_ids = c.suffix_ids
     spare = max(0, budget - 3 - len(prefix_ids) - len(suffix_ids))
     extra_ids = list(extra[len(extra) - spare :]) if spare and extra else []
     if order == "spm":
         tokens = [*extra_ids, FIM_SUFFIX_ID, *suffix_ids, FIM_PREFIX_ID, *prefix_ids, FIM_MIDDLE_ID]
     else:
         tokens = [*extra_ids, FIM_PREFIX_ID, *prefix_ids, FIM_SUFFIX_ID, *suffix_ids, FIM_MIDDLE_ID]
-    return FimPrompt(tokens, prefix_text + line, suffix_text, prefix_cut, suffix_cut)
+    return FimPrompt(tokens, c.prefix + line, c.suffix, c.prefix_truncated, c.suffix_truncated)

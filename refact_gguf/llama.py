@@ -22,41 +22,26 @@ import numpy as np
 from . import catalog
 from .errors import InputError, LlamaError, ModelFileError
 from .loader import load_model
+from .lru import TextLRU
 from .tasks import Sampling
 
 
-class TokenCache:
-    """An LRU of text → ids shared by every slot on a model (thread-safe), bounded by the text it
-    holds, not by a count: a keystroke's prompt looks up ~11 texts of its file (prefix, suffix, the
-    candidate cuts that fit them), so a count sized for a few files made a team's lookups miss
-    (8 typists in whole files, 24 entries: 82 of 96 missed, ~40 ms a keystroke of tokenizing; held
-    whole: 2 missed, 0.3 ms). Ids as int32 arrays: a token costs 4 bytes, not a Python int's 36."""
+class TokenCache(TextLRU[array.array]):
+    """Text → ids, shared by every slot on a model. Bounded by text (lru.py): a keystroke's prompt
+    looks up ~11 texts of its file (prefix, suffix, the candidate cuts that fit them), so a count
+    sized for a few files made a team's lookups miss (8 typists in whole files, 24 entries: 82 of 96
+    missed, ~40 ms a keystroke of tokenizing; held whole: 2 missed, 0.3 ms). Ids as int32 arrays: a
+    token costs 4 bytes, not a Python int's 36."""
 
-    def __init__(self, max_chars: int = 16 << 20):
-        self.max_chars = max_chars  # 16 Mi characters: ~35 MB with their ids, a team's open files many times over
-        self._items: dict[str, array.array] = {}
-        self._chars = 0
-        self._lock = threading.Lock()
+    def __init__(self, max_chars: int = 16 << 20):  # 16 Mi characters: ~35 MB with their ids, a team's open files many times over
+        super().__init__(max_chars)
 
     def get(self, text: str) -> list[int] | None:
-        with self._lock:
-            ids = self._items.pop(text, None)
-            if ids is None:
-                return None
-            self._items[text] = ids  # most recent last
-        return ids.tolist()
+        ids = super().get(text)
+        return ids.tolist() if ids is not None else None
 
     def put(self, text: str, ids: list[int]) -> None:
-        if len(text) > self.max_chars // 4:
-            return  # one huge text would push out every file in use
-        with self._lock:
-            if text not in self._items:
-                self._chars += len(text)
-            self._items[text] = array.array("i", ids)
-            while self._chars > self.max_chars:
-                oldest = next(iter(self._items))
-                del self._items[oldest]
-                self._chars -= len(oldest)
+        super().put(text, array.array("i", ids), len(text))
 
 
 class Model:

@@ -191,11 +191,12 @@ class Task:
 def fim(tokenize: Tokenize, n_ctx: int, prefix: str, suffix: str = "", *, order: fim_prompt.Order = "spm",
         max_tokens: int = 128, multiline: bool = True, sampling: Sampling = Sampling(), line: str = "",
         extra: list[int] | tuple[int, ...] = (), indent: int | None = None, stop: tuple[str, ...] = (),
-        shortens: bool = False) -> Task:
+        shortens: bool = False, cuts: fim_prompt.Cuts | None = None) -> Task:
     """Fill in between `prefix` (+ `line`, the text typed on the cursor's line) and `suffix`.
     See fim.build_prompt for the layout, `extra` and truncation. With `shortens`, the task can
-    make its short version (`Task.short`): the lines around the cursor in a given number of tokens."""
-    prompt = fim_prompt.build_prompt(tokenize, prefix, suffix, n_ctx - max_tokens, order, line, extra)
+    make its short version (`Task.short`): the lines around the cursor in a given number of tokens.
+    `cuts`: the last files' cuts, kept for their next keystrokes (one `Cuts` per tokenizer)."""
+    prompt = fim_prompt.build_prompt(tokenize, prefix, suffix, n_ctx - max_tokens, order, line, extra, cuts)
     notes = ()
     if prompt.truncated:
         notes = (f"context full: kept the last {len(prompt.prefix)} chars of the prefix"
@@ -211,7 +212,7 @@ def fim(tokenize: Tokenize, n_ctx: int, prefix: str, suffix: str = "", *, order:
             near_prefix = prefix if len(prefix) <= span else prefix[-span:].partition("\n")[2]
             head = prompt.suffix[:span]
             near_suffix = head if len(prompt.suffix) <= span else head[: head.rfind("\n") + 1]
-            near = fim_prompt.build_prompt(tokenize, near_prefix, near_suffix, short_tokens, order, line)
+            near = fim_prompt.build_prompt(tokenize, near_prefix, near_suffix, short_tokens, order, line, cuts=cuts)
             # One line: what a few lines of context can tell (the full context comes with later keys).
             return Task(
                 near.tokens, max_tokens, sampling,

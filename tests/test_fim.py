@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from refact_gguf.errors import InputError
-from refact_gguf.fim import build_prompt
+from refact_gguf.fim import Cuts, build_prompt
 from refact_gguf import tasks
 from refact_gguf.tasks import StopRules
 
@@ -89,6 +89,49 @@ def feed_all(rules: StopRules, text: str, step: int = 3) -> str:
         if rules.feed(text[i : i + step]):
             break
     return rules.final()
+
+
+def test_a_kept_cut_gives_the_prompt_a_fresh_cut_gives():
+    """`Cuts` keeps a file's cut for its next keystrokes: the prompts are those cut afresh, whatever
+    is typed (a line longer than the reserve moves the cut), in either order, with other files' ids."""
+    prefix = "".join(f"prefix line {i}\n" for i in range(100)) + "    cursor "
+    suffix = "".join(f"suffix line {i}\n" for i in range(100))
+    cuts = Cuts()
+    for budget in (100, 400, 10_000):
+        for order in ("spm", "psm"):
+            for line in ("", "r", "re", "return x", "y" * 90, "re"):
+                for p, s in ((prefix, suffix), (prefix + "\n\n", ""), ("", suffix), ("x = 1", "\n")):
+                    kept = build_prompt(tok, p, s, budget, order, line, extra=[7] * 50, cuts=cuts)
+                    assert kept == build_prompt(tok, p, s, budget, order, line, extra=[7] * 50), (budget, order, line)
+
+
+def test_a_files_next_keystroke_cuts_nothing_again():
+    """The second keystroke in a file tokenizes only the typed line and the prefix's last line with it."""
+    texts: list[str] = []
+
+    def counted(text: str) -> list[int]:
+        texts.append(text)
+        return tok(text)
+
+    prefix = "".join(f"prefix line {i}\n" for i in range(300)) + "    "
+    suffix = "".join(f"suffix line {i}\n" for i in range(300))
+    cuts = Cuts()
+    build_prompt(counted, prefix, suffix, 1000, line="re", cuts=cuts)
+    assert len(texts) > 4  # the first one fits the file: several candidate cuts
+    texts.clear()
+    p = build_prompt(counted, prefix, suffix, 1000, line="ret", cuts=cuts)
+    assert texts == ["ret", "\n    ret"]
+    assert p == build_prompt(tok, prefix, suffix, 1000, line="ret")
+
+
+def test_cuts_are_bounded_by_the_text_they_hold():
+    cuts = Cuts(max_chars=1000)
+    files = [(c * 100, c * 100) for c in "abcde"]  # 200 characters of key each
+    for p, s in files:
+        cuts(tok, p, s, 50)
+    cuts(tok, *files[0], 50)  # now the most recent
+    cuts(tok, "f" * 100, "f" * 100, 50)  # 1,200 characters: the least recently used, "b", goes
+    assert [cuts.get((p, s, 50)) is not None for p, s in files] == [True, False, True, True, True]
 
 
 def test_single_line_stops_at_newline():
