@@ -10,7 +10,7 @@ from dataclasses import asdict
 from typing import Any, Callable, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import Field
 
 from .. import __version__, tasks
@@ -97,6 +97,8 @@ def timings(c: Completion) -> dict[str, Any]:
 
 
 def infill_result(c: Completion, model_name: str, content: str | None = None) -> dict[str, Any]:
+    """/infill's and /completion's answer (plain JSON types: routes return it as a JSONResponse,
+    skipping FastAPI's jsonable_encoder, ~0.1 ms a keystroke on two CPU cores)."""
     return {
         "content": c.text if content is None else content, "model": model_name, "stop": True,
         "stop_type": {"max_tokens": "limit", "eos": "eos", "special": "eos"}.get(c.stop_reason, "word"),
@@ -139,7 +141,7 @@ async def infill(body: InfillRequest, request: Request):
     if body.stream:
         return await stream(request, build, lambda text: {"content": text, "stop": False},
                             lambda c: [infill_result(c, service.model_name, content="")], done_marker=False)
-    return infill_result(await complete(request, build), service.model_name)
+    return JSONResponse(infill_result(await complete(request, build), service.model_name))
 
 
 @router.post("/completion")
@@ -164,7 +166,7 @@ async def completion(body: CompletionRequest, request: Request):
     if body.stream:
         return await stream(request, build, lambda text: {"content": text, "stop": False},
                             lambda c: [infill_result(c, service.model_name, content="")])
-    return infill_result(await complete(request, build), service.model_name)
+    return JSONResponse(infill_result(await complete(request, build), service.model_name))
 
 
 @router.post("/tokenize")
