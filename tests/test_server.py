@@ -464,3 +464,46 @@ def test_a_fim_prompt_keeps_the_lines_nearest_the_cursor_within_the_fim_context(
         wide = httpx.post(f"{u}/infill", json=body, timeout=60).json()
     assert narrow["truncated"] and 300 < narrow["tokens_evaluated"] <= 400 - 4
     assert wide["truncated"] and 900 < wide["tokens_evaluated"] <= 1024 - 4
+
+
+def test_a_request_gone_while_its_task_is_built_cancels_what_the_build_submits(q4_model):
+    """The task is built and submitted off the loop; a request cancelled meanwhile (its client gone,
+    the server stopping) must not leave the thread's task generating for nobody."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from refact_gguf.server.common import _submit
+
+    handles = []
+
+    class Recording(Engine):
+        def submit(self, *a, **k):
+            handles.append(super().submit(*a, **k))
+            return handles[-1]
+
+    building = threading.Event()
+    release = threading.Event()
+
+    def build():
+        building.set()
+        release.wait(10)
+        return tasks.Task([1, 2, 3], 200, tasks.Sampling(), tasks.StopRules())
+
+    with Model(q4_model) as model, Recording(model, n_ctx=512, parallel=1, threads=1).start() as engine:
+        request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(service=SimpleNamespace(engine=engine))))
+
+        async def gone():
+            submitting = asyncio.ensure_future(_submit(request, build, stream=False))
+            await asyncio.to_thread(building.wait, 10)
+            submitting.cancel()
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await submitting
+
+        asyncio.run(gone())
+        deadline = time.time() + 10
+        while not handles:
+            assert time.time() < deadline, "the build thread never submitted"
+            time.sleep(0.01)
+        assert handles[0].wait(10).stop_reason == "cancelled"
