@@ -51,6 +51,14 @@ def show(path: str, last: int = 4) -> None:
     for k in keystrokes[-last:]:
         print(f"{len(k)} steps, {sum(s[1] for s in k) * 1e3:.1f} ms: "
               + " ".join(f"{n}:{d * 1e3:.2f}/{r * 1e3:.2f}" for _, d, n, r, _ in k) + "   (tokens:ms/of it in llama_decode)")
+    # Over the warm keystrokes (all but the first): the step's parts, and the time between steps.
+    warm = [s for k in keystrokes[1:] for s in k]
+    gaps = [b[0] - (a[0] + a[1]) for k in keystrokes[1:] for a, b in zip(k, k[1:])]
+    if warm:
+        median = lambda xs: sorted(xs)[len(xs) // 2] * 1e3
+        print(f"median a warm step: {median([s[1] for s in warm]):.3f} ms; llama_decode {median([s[3] for s in warm]):.3f},"
+              f" logits {median([s[4] for s in warm]):.3f}, the rest {median([s[1] - s[3] - s[4] for s in warm]):.3f};"
+              f" between steps {median(gaps) if gaps else 0:.3f}")
 
 
 if __name__ == "__main__":
