@@ -383,7 +383,7 @@ class Engine:
                 pool = same or idle
             if not pool:
                 continue
-            slot = _best_slot(pool, np.asarray(handle.task.prompt, np.int32))
+            slot = _best_slot(pool, handle.task.ids)
             pool.remove(slot)
             if slot in idle:
                 idle.remove(slot)
@@ -392,7 +392,7 @@ class Engine:
             admitted.append((slot, handle))
         while self._background and idle:
             handle = self._background.pop()
-            slot = _best_slot(idle, np.asarray(handle.task.prompt, np.int32))
+            slot = _best_slot(idle, handle.task.ids)
             idle.remove(slot)
             slot.reserve(handle.task)
             admitted.append((slot, handle))

@@ -100,7 +100,7 @@ class Slot:
 
     def start(self, task: Task, on_text: OnText | None = None) -> None:
         """Take `task`: keep what the cache shares with its prompt, plan the rest (`todo`)."""
-        prompt = np.asarray(task.prompt, np.int32)
+        prompt = task.ids
         if len(prompt) > self.ctx.n_ctx:
             raise InputError(f"the prompt has {len(prompt)} tokens; the context holds {self.ctx.n_ctx}", "raise --ctx")
         if not task.reuse_cache:

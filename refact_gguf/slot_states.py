@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from .handles import Stats
 from .layout import REUSE_CHUNK
 from .llama import Context
@@ -53,7 +51,7 @@ class SlotStates:
         that first; if a saved state spares more prompt time than restoring it costs, restore it."""
         if not task.reuse_cache or task.short_context:
             return
-        prompt = np.asarray(task.prompt, np.int32)
+        prompt = task.ids
         kept = slot.reusable(prompt)  # what the slot keeps by itself, shifted runs included
         saved, n = self.cache.best(prompt)
         restore = saved is not None and n - kept >= REUSE_CHUNK and self._pays(saved, n - kept, prompt_rate)
