@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import json
 import signal
+import statistics
 import sys
 import time
 
@@ -55,7 +56,7 @@ def show(path: str, last: int = 4) -> None:
     warm = [s for k in keystrokes[1:] for s in k]
     gaps = [b[0] - (a[0] + a[1]) for k in keystrokes[1:] for a, b in zip(k, k[1:])]
     if warm:
-        median = lambda xs: sorted(xs)[len(xs) // 2] * 1e3
+        median = lambda xs: statistics.median(xs) * 1e3
         print(f"median a warm step: {median([s[1] for s in warm]):.3f} ms; llama_decode {median([s[3] for s in warm]):.3f},"
               f" logits {median([s[4] for s in warm]):.3f}, the rest {median([s[1] - s[3] - s[4] for s in warm]):.3f};"
               f" between steps {median(gaps) if gaps else 0:.3f}")

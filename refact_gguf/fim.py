@@ -109,11 +109,11 @@ class Cut:
     as it was (an editor sends the whole file again each time; only the typed line changes)."""
 
     prefix: str
-    prefix_ids: list[int] | array.array
-    head_ids: list[int] | array.array  # the ids of prefix[:line_break], which the typed line cannot merge into
+    prefix_ids: array.array  # ids as int32 arrays: 4 bytes a token, not a Python int's 36
+    head_ids: array.array  # the ids of prefix[:line_break], which the typed line cannot merge into
     line_break: int  # _last_line_break(prefix)
     suffix: str
-    suffix_ids: list[int] | array.array
+    suffix_ids: array.array
     prefix_truncated: bool
     suffix_truncated: bool
 
@@ -130,7 +130,8 @@ def cut(tokenize: Tokenize, prefix: str, suffix: str, room: int) -> Cut:
     # tokens are the prefix's own, the same text every keystroke.
     line_break = _last_line_break(prefix_text)
     head_ids = tokenize(prefix_text[:line_break]) if line_break else []
-    return Cut(prefix_text, prefix_ids, head_ids, line_break, suffix_text, suffix_ids, prefix_cut, suffix_cut)
+    return Cut(prefix_text, array.array("i", prefix_ids), array.array("i", head_ids), line_break, suffix_text,
+               array.array("i", suffix_ids), prefix_cut, suffix_cut)
 
 
 class Cuts(TextLRU[Cut]):
@@ -145,10 +146,7 @@ class Cuts(TextLRU[Cut]):
         key = (prefix, suffix, room)
         held = self.get(key)
         if held is None:
-            c = cut(tokenize, prefix, suffix, room)
-            # Ids as int32 arrays: 4 bytes a token, not a Python int's 36.
-            held = Cut(c.prefix, array.array("i", c.prefix_ids), array.array("i", c.head_ids), c.line_break, c.suffix,
-                       array.array("i", c.suffix_ids), c.prefix_truncated, c.suffix_truncated)
+            held = cut(tokenize, prefix, suffix, room)
             self.put(key, held, len(prefix) + len(suffix))
         return held
 
