@@ -243,8 +243,9 @@ class Engine:
                         self.states.bring(slot, handle.task, self.prompt_rate)
                     slot.start(handle.task, handle.on_text)
                     self._active[slot] = handle
-                    if short_tokens := self._late(slot, handle.task):
-                        self._answer_short(slot, handle, short_tokens)
+                    short_tokens, first = self._late(slot, handle.task)
+                    if short_tokens:
+                        self._answer_short(slot, handle, short_tokens, first)
                         shortened = True
                     elif handle.task.short is not None:  # its full prompt goes in now: no longer a short-answered file
                         self._shortened = [f for f in self._shortened if not layout.same_file(f[0], handle.task.prompt)]
@@ -263,10 +264,11 @@ class Engine:
 
     # ------------------------------------------------------------------ background prefill
 
-    def _late(self, slot: Slot, task: Task) -> int:
+    def _late(self, slot: Slot, task: Task) -> tuple[int, bool]:
         """How many tokens the short version of `task` may take, if its prompt cannot be in by the
         task's budget (what the cache lacks of it, and the prompt tokens of people's requests
-        admitted before it, at the measured rate); else 0.
+        admitted before it, at the measured rate); else 0. And whether it would be its file's first
+        short answer.
 
         A file's first short answer sizes its short prompts from the load at admission: its share of
         the rate over what is left of the budget, beside every other person's request in flight
@@ -277,9 +279,9 @@ class Engine:
         A file answered short long enough converges instead: 0, and `task` loses the client's
         prompt limit (`prompt_deadline`), which would otherwise end that wait empty."""
         if task.short is None or task.prompt_budget is None or not self.answers_short:
-            return 0
+            return 0, False
         now = time.perf_counter()
-        since, size = self._answered_short(task.prompt) or (None, None)
+        since, size = next(((t, n) for p, t, n in self._shortened if layout.same_file(p, task.prompt)), (None, None))
         ahead = sum(len(s.todo) for s, h in self._active.items() if s is not slot and not h.background and not s.generating)
         wait_s = (len(slot.todo) + ahead) / self.prompt_rate
         if since is not None and now - since > SHORT_FOR_AT_MOST_S and len(slot.todo) / self.prompt_rate <= WAIT_FOR_FULL_S:
@@ -290,9 +292,9 @@ class Engine:
             # against 0.5-0.6, 8 typists, two CPU cores). The engine chose this wait, so the client's
             # prompt limit must not end it empty (llama-server does not enforce t_max_prompt_ms at all).
             task.prompt_deadline = None
-            return 0
+            return 0, False
         if now + wait_s <= task.prompt_budget:
-            return 0
+            return 0, False
         if size is None:
             # Busy sequences, not `_active`: the requests admitted with this one in this tick are
             # reserved on their slots but not started yet.
@@ -300,18 +302,14 @@ class Engine:
             people = sum(s.busy and s not in background for s in self._sequences) + len(self._waiting)
             left_s = max(0.0, task.prompt_budget - now - ahead / self.prompt_rate)
             size = 1 << max(4, int(self.prompt_rate * left_s * SHORT_SHARE / max(1, people)).bit_length() - 1)
-        return size if size < len(task.prompt) else 0  # no shorter than the prompt itself
+        return (size, since is None) if size < len(task.prompt) else (0, False)  # no shorter than the prompt itself
 
-    def _answered_short(self, prompt: list[int]) -> tuple[float, int] | None:
-        """Since when the file of `prompt` is answered short, and the size of its short prompts."""
-        return next(((t, n) for p, t, n in self._shortened if layout.same_file(p, prompt)), None)
-
-    def _answer_short(self, slot: Slot, handle: Handle, short_tokens: int) -> None:
+    def _answer_short(self, slot: Slot, handle: Handle, short_tokens: int, first: bool) -> None:
         """The full prompt goes on evaluating on `slot`, in the background; the person's request
-        becomes its short version, in `short_tokens`, first in line for a scratch sequence."""
+        becomes its short version, in `short_tokens`, first in line for a scratch sequence (`first`:
+        its file's first short answer, which sizes the file's later ones)."""
         full = handle.task
         handle.task = full.short(short_tokens)
-        first = self._answered_short(full.prompt) is None
         # A file's first answer goes alone on a CPU where the rest of the file takes long anyway: a
         # row beside a lone token is a pass of its own there (full-size model, two cores: 70 ms a
         # token, 110 with one background row; the file's ~2,000 tokens take ~40 s whatever the share).
