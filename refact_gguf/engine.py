@@ -102,7 +102,7 @@ class Engine:
         self.prompt_rate: float | None = None  # prompt tokens a second, measured
         # Files answered short: their full prompt, since when, and the size of their short prompts
         # (kept, so the next short answer in the file finds the last one's tokens on its scratch sequence).
-        self._shortened: list[tuple[list[int], float, int]] = []
+        self._shortened: list[tuple[np.ndarray, float, int]] = []
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -248,7 +248,7 @@ class Engine:
                         self._answer_short(slot, handle, short_tokens, first)
                         shortened = True
                     elif handle.task.short is not None:  # its full prompt goes in now: no longer a short-answered file
-                        self._shortened = [f for f in self._shortened if not layout.same_file(f[0], handle.task.prompt)]
+                        self._shortened = [f for f in self._shortened if not layout.same_file(f[0], handle.task.ids)]
                 except Exception as e:  # noqa: BLE001 - the engine thread must outlive any one task
                     self._fail(slot, handle, _library_error(e))
             if not shortened:
@@ -281,7 +281,7 @@ class Engine:
         if task.short is None or task.prompt_budget is None or not self.answers_short:
             return 0, False
         now = time.perf_counter()
-        since, size = next(((t, n) for p, t, n in self._shortened if layout.same_file(p, task.prompt)), (None, None))
+        since, size = next(((t, n) for p, t, n in self._shortened if layout.same_file(p, task.ids)), (None, None))
         ahead = sum(len(s.todo) for s, h in self._active.items() if s is not slot and not h.background and not s.generating)
         wait_s = (len(slot.todo) + ahead) / self.prompt_rate
         if since is not None and now - since > SHORT_FOR_AT_MOST_S and len(slot.todo) / self.prompt_rate <= WAIT_FOR_FULL_S:
@@ -320,7 +320,7 @@ class Engine:
         full.short = full.prompt_budget = None  # it is background work from now on, never late
         full.max_tokens = 0  # prefill only, also when it resumes from the queue
         if first:
-            self._shortened = [*self._shortened[-(MAX_BACKGROUND * 4 - 1):], (full.prompt, time.perf_counter(), short_tokens)]
+            self._shortened = [*self._shortened[-(MAX_BACKGROUND * 4 - 1):], (full.ids, time.perf_counter(), short_tokens)]
         background = Handle(full, None, None)
         background.background = True
         slot.silence()
@@ -329,23 +329,23 @@ class Engine:
         with self._cond:
             self._waiting.appendleft(handle)
             # One job a file: its newest prompt makes the older ones moot.
-            self._background = deque(h for h in self._background if not layout.same_file(h.task.prompt, full.prompt))
+            self._background = deque(h for h in self._background if not layout.same_file(h.task.ids, full.ids))
 
     def _yield_background(self) -> None:
         """A slot doing background work is given up, its progress saved, for each request that
         waits without an idle slot (one of the same file takes the job's slot over in `_admit`);
         the job goes back to the queue."""
         with self._cond:
-            full = [h.task.prompt for h in self._waiting if not h.task.short_context]
+            full = [h.task.ids for h in self._waiting if not h.task.short_context]
             wanted = len(full) - sum(not s.busy for s in self.slots)
         jobs = [(slot, h) for slot, h in self._active.items() if h.background]
         for slot, handle in jobs:
-            if any(layout.same_file(handle.task.prompt, p) for p in full):
+            if any(layout.same_file(handle.task.ids, p) for p in full):
                 wanted -= 1  # taken over, not yielded
         for slot, handle in jobs:
             if wanted <= 0:
                 break
-            if not any(layout.same_file(handle.task.prompt, p) for p in full):
+            if not any(layout.same_file(handle.task.ids, p) for p in full):
                 self.states.save(slot)
                 slot.release()
                 del self._active[slot]
@@ -374,7 +374,7 @@ class Engine:
                 pool = scratch
             else:
                 # The file's newest keystroke takes over its background job, and all its progress.
-                same = [s for s, h in jobs.items() if layout.same_file(h.task.prompt, handle.task.prompt)]
+                same = [s for s, h in jobs.items() if layout.same_file(h.task.ids, handle.task.ids)]
                 for s in same:
                     del self._active[s], jobs[s]
                     s.release()

@@ -151,10 +151,11 @@ def reuse_plan(cached: np.ndarray, prompt: np.ndarray) -> tuple[int, list[tuple[
     return head, moves
 
 
-def same_file(a: list[int], b: list[int]) -> bool:
+def same_file(a: np.ndarray | list[int], b: np.ndarray | list[int]) -> bool:
     """Two prompts of one file: they share half of the shorter one up front, or the run of
     REUSE_CHUNK ids at its middle appears in the other (a long file's prefix loses its head as the
-    cursor's line grows, shifting what follows). A byte search: this runs per request and per step."""
+    cursor's line grows, shifting what follows). A byte search: this runs per request and per step,
+    on the tasks' int32 ids (`Task.ids`), which it then uses without a copy."""
     a, b = np.asarray(a, np.int32), np.asarray(b, np.int32)
     short, long = (a, b) if len(a) <= len(b) else (b, a)
     if common_prefix(a, b) >= len(short) // 2:
